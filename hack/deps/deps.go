@@ -1,0 +1,21 @@
+package main
+import (
+ _ "github.com/containerd/containerd/v2/client"
+ _ "github.com/containerd/containerd/v2/contrib/snapshotservice"
+ _ "github.com/containerd/containerd/v2/core/snapshots/storage"
+ _ "github.com/containerd/containerd/v2/core/snapshots/testsuite"
+ _ "github.com/containerd/containerd/v2/core/remotes/docker"
+ _ "github.com/containerd/containerd/v2/pkg/archive"
+ _ "github.com/containerd/continuity/fs"
+ _ "github.com/opencontainers/image-spec/specs-go/v1"
+ _ "github.com/hanwen/go-fuse/v2/fs"
+ _ "github.com/sirupsen/logrus"
+ _ "github.com/klauspost/compress/zstd"
+ _ "github.com/prometheus/client_golang/prometheus"
+ _ "github.com/google/go-containerregistry/pkg/registry"
+ _ "github.com/pelletier/go-toml/v2"
+ _ "github.com/coreos/go-systemd/v22/daemon"
+ _ "github.com/containerd/log"
+ _ "github.com/containerd/errdefs"
+)
+func main(){}

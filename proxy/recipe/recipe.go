@@ -1,0 +1,171 @@
+// Package recipe decides whether a compressed OCI layer blob (gzip or zstd)
+// can be re-created byte for byte from its uncompressed tar, and re-creates it.
+//
+// A recipe names an exact encoder implementation, level and options, plus the
+// verbatim gzip header. Encoder output depends on the library version, so the
+// versions below are pinned (go.mod) and guarded by golden-digest tests:
+//
+//   - gzip "go":         Go standard library compress/flate (go1.26.x)
+//   - gzip "klauspost":  github.com/klauspost/compress/flate v1.20.0
+//   - zstd "klauspost":  github.com/klauspost/compress/zstd v1.20.0 (streaming Writer)
+//
+// Bumping either one must be accompanied by re-checking recipes already stored:
+// a recipe that no longer reproduces its digest falls back to the retained blob
+// only if the caller verifies the digest, which it must.
+package recipe
+
+import (
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+)
+
+// Formats.
+const (
+	FormatGzip = "gzip"
+	FormatZstd = "zstd"
+)
+
+// Encoder implementations. Stored in marshalled recipes: never renumber/rename.
+const (
+	encGoFlate = "go"        // compress/flate (compress/gzip uses it)
+	encKPFlate = "klauspost" // klauspost/compress/flate (klauspost gzip)
+	encKPZstd  = "klauspost" // klauspost/compress/zstd streaming encoder
+)
+
+// Recipe re-creates a compressed layer blob exactly from its uncompressed tar.
+type Recipe struct {
+	Format string // "gzip" | "zstd"
+
+	enc    string // encoder implementation, see enc* constants
+	level  int    // gzip: flate level 1..9; zstd: zstd.EncoderLevel 1..4
+	header []byte // gzip: the member header exactly as found in the blob
+	zopt   zstdOptions
+	size   int64 // expected blob size, a cheap sanity check for Apply callers
+}
+
+// zstdOptions are the klauspost encoder options that change the output.
+type zstdOptions struct {
+	CRC    bool `json:"crc"`
+	Window int  `json:"window,omitempty"` // 0: the level's default
+}
+
+// Encoder describes the recipe for logs and stats, e.g. "gzip/go/6".
+func (r *Recipe) Encoder() string {
+	s := fmt.Sprintf("%s/%s/%d", r.Format, r.enc, r.level)
+	if r.Format == FormatZstd {
+		s += fmt.Sprintf("/crc=%t/window=%d", r.zopt.CRC, r.zopt.Window)
+	}
+	return s
+}
+
+// Size is the size of the blob the recipe produces.
+func (r *Recipe) Size() int64 { return r.size }
+
+// wire is the marshalled form; JSON keeps it debuggable and extensible.
+type wire struct {
+	V      int          `json:"v"`
+	Format string       `json:"format"`
+	Enc    string       `json:"enc"`
+	Level  int          `json:"level"`
+	Header []byte       `json:"header,omitempty"`
+	Zstd   *zstdOptions `json:"zstd,omitempty"`
+	Size   int64        `json:"size"`
+}
+
+// magic prefixes marshalled recipes; a CRC32C trailer catches corruption that
+// would otherwise still parse (e.g. a flipped level digit).
+var magic = []byte("dsrecipe")
+
+const wireVersion = 1
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Marshal encodes the recipe for storage.
+func (r *Recipe) Marshal() ([]byte, error) {
+	if err := r.validate(); err != nil {
+		return nil, fmt.Errorf("recipe: marshal: %w", err)
+	}
+	w := wire{V: wireVersion, Format: r.Format, Enc: r.enc, Level: r.level, Size: r.size}
+	if r.Format == FormatGzip {
+		w.Header = r.header
+	} else {
+		z := r.zopt
+		w.Zstd = &z
+	}
+	body, err := json.Marshal(w)
+	if err != nil {
+		return nil, fmt.Errorf("recipe: marshal: %w", err)
+	}
+	out := make([]byte, 0, len(magic)+len(body)+4)
+	out = append(out, magic...)
+	out = append(out, body...)
+	return binary.BigEndian.AppendUint32(out, crc32.Checksum(out, castagnoli)), nil
+}
+
+// Unmarshal decodes a recipe produced by Marshal, rejecting corrupted input.
+func Unmarshal(b []byte) (*Recipe, error) {
+	if len(b) < len(magic)+4 || !bytes.Equal(b[:len(magic)], magic) {
+		return nil, errors.New("recipe: unmarshal: bad magic")
+	}
+	n := len(b) - 4
+	if crc32.Checksum(b[:n], castagnoli) != binary.BigEndian.Uint32(b[n:]) {
+		return nil, errors.New("recipe: unmarshal: checksum mismatch")
+	}
+	var w wire
+	dec := json.NewDecoder(bytes.NewReader(b[len(magic):n]))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&w); err != nil {
+		return nil, fmt.Errorf("recipe: unmarshal: %w", err)
+	}
+	if w.V != wireVersion {
+		return nil, fmt.Errorf("recipe: unmarshal: unsupported version %d", w.V)
+	}
+	r := &Recipe{Format: w.Format, enc: w.Enc, level: w.Level, header: w.Header, size: w.Size}
+	if w.Zstd != nil {
+		r.zopt = *w.Zstd
+	}
+	if err := r.validate(); err != nil {
+		return nil, fmt.Errorf("recipe: unmarshal: %w", err)
+	}
+	return r, nil
+}
+
+// validate rejects recipes Apply could not execute.
+func (r *Recipe) validate() error {
+	if r.size < 0 {
+		return fmt.Errorf("negative size %d", r.size)
+	}
+	switch r.Format {
+	case FormatGzip:
+		if r.enc != encGoFlate && r.enc != encKPFlate {
+			return fmt.Errorf("unknown gzip encoder %q", r.enc)
+		}
+		if r.level < 1 || r.level > 9 {
+			return fmt.Errorf("bad gzip level %d", r.level)
+		}
+		h, err := parseGzipHeader(r.header)
+		if err != nil {
+			return fmt.Errorf("bad gzip header: %w", err)
+		}
+		if h.len != len(r.header) {
+			return fmt.Errorf("gzip header has %d trailing bytes", len(r.header)-h.len)
+		}
+	case FormatZstd:
+		if r.enc != encKPZstd {
+			return fmt.Errorf("unknown zstd encoder %q", r.enc)
+		}
+		if r.level < 1 || r.level > 4 {
+			return fmt.Errorf("bad zstd level %d", r.level)
+		}
+		if w := r.zopt.Window; w != 0 && (w < 1<<10 || w > 1<<29 || w&(w-1) != 0) {
+			return fmt.Errorf("bad zstd window %d", w)
+		}
+	default:
+		return fmt.Errorf("unknown format %q", r.Format)
+	}
+	return nil
+}

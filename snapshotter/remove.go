@@ -1,0 +1,123 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/log"
+	"github.com/opencontainers/go-digest"
+)
+
+// Remove deletes a snapshot's metadata, stops its rootfs server and removes
+// its dir. Its layer manifest and objects stay until Cleanup, since other
+// snapshots may share them.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	defer observe("remove", time.Now())
+	ctx = logKey(ctx, key)
+	var id string
+	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var err error
+		id, _, err = storage.Remove(ctx, key)
+		if err != nil {
+			return fmt.Errorf("failed to remove snapshot %s: %w", key, err)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	p := s.paths(id)
+	for _, mp := range []string{p.mnt(), p.lower()} {
+		if err := s.stopRootfs(ctx, mp); err != nil {
+			log.G(ctx).WithError(err).Warn("stopping rootfs")
+		}
+	}
+	// A dir that cannot go now (busy mount) is an orphan for Cleanup.
+	if err := removeDir(p.dir()); err != nil {
+		log.G(ctx).WithError(err).Warn("removing snapshot dir; left for cleanup")
+	}
+	return nil
+}
+
+// Cleanup frees what no snapshot references: orphaned snapshot dirs,
+// manifests of removed layers, stale diffID index entries, then CAS objects
+// older than the grace period that no remaining manifest references.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	defer observe("cleanup", time.Now())
+	s.gcMu.Lock()
+	defer s.gcMu.Unlock()
+
+	ids := map[string]string{}
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		ids, err = storage.IDMap(ctx)
+		return err
+	}); err != nil {
+		return err
+	}
+
+	snapDir := filepath.Join(s.root, "snapshots")
+	des, err := os.ReadDir(snapDir)
+	if err != nil {
+		return err
+	}
+	keep := map[digest.Digest]bool{}
+	removedDirs := 0
+	for _, de := range des {
+		id := de.Name()
+		p := s.paths(id)
+		if _, ok := ids[id]; !ok {
+			for _, mp := range []string{p.mnt(), p.lower()} {
+				_ = s.stopRootfs(ctx, mp)
+			}
+			if err := removeDir(p.dir()); err != nil {
+				log.G(ctx).WithError(err).WithField("id", id).Warn("removing orphaned snapshot dir")
+			} else {
+				removedDirs++
+			}
+			continue
+		}
+		for _, f := range []string{p.manifest(), p.staged()} {
+			if k, err := readDigestFile(f); err == nil {
+				keep[k] = true
+			}
+		}
+	}
+
+	list, err := s.layers.List(ctx)
+	if err != nil {
+		return err
+	}
+	removedLayers := 0
+	for _, k := range list {
+		if keep[k] {
+			continue
+		}
+		if err := s.layers.Delete(ctx, k); err != nil {
+			log.G(ctx).WithError(err).WithField("layer", k).Warn("deleting unreferenced layer")
+			continue
+		}
+		removedLayers++
+	}
+	if des, err := os.ReadDir(filepath.Join(s.root, "diffids")); err == nil {
+		for _, de := range des {
+			f := filepath.Join(s.root, "diffids", de.Name())
+			if k, err := readDigestFile(f); err != nil || !keep[k] {
+				if !strings.HasPrefix(de.Name(), ".tmp-") || err != nil {
+					os.Remove(f)
+				}
+			}
+		}
+	}
+	n, freed, err := s.layers.Collect(ctx, s.cfg.GCGrace)
+	if err != nil {
+		return fmt.Errorf("collecting objects: %w", err)
+	}
+	log.G(ctx).WithField("dirs", removedDirs).WithField("layers", removedLayers).
+		WithField("objects", n).WithField("bytes", freed).Info("cleanup done")
+	return nil
+}

@@ -11,9 +11,7 @@
 package cas
 
 import (
-	"context"
 	"errors"
-	"io"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -102,5 +100,3 @@ type FsckReport struct {
 	Repaired  bool
 }
 
-var _ io.Reader // keep import until implementation files exist
-var _ context.Context

@@ -157,7 +157,7 @@ func TestDetectUnknown(t *testing.T) {
 		return buf.Bytes()
 	}
 	cases := map[string][]byte{
-		"multi-member": append(member(tb[:len(tb)/2]), member(tb[len(tb)/2:])...),
+		"multi-member":     append(member(tb[:len(tb)/2]), member(tb[len(tb)/2:])...),
 		"trailing-garbage": append(member(tb), 0, 0, 0, 0),
 		"plain-tar":        tb,
 		"empty":            {},

@@ -37,6 +37,9 @@ type Entry struct {
 	Mode     uint32 // permission bits plus setuid/setgid/sticky (07777)
 	UID, GID int
 	ModTime  time.Time
+	// AccessTime and ChangeTime when the tar records them (PAX atime/ctime,
+	// GNU header); zero otherwise.
+	AccessTime, ChangeTime time.Time
 	// Xattrs from PAX SCHILY.xattr.* records (e.g. security.capability).
 	Xattrs map[string]string
 	// Linkname: symlink target as written, or for TypeHardlink the clean
@@ -119,6 +122,8 @@ type IngestOptions struct {
 	MaxEntries   int   // 0: 1<<20
 	MaxFileSize  int64 // 0: 1<<40
 	MaxHeaderLen int64 // 0: 1<<20 (PAX/GNU long name records)
+	// MaxSize bounds the uncompressed layer (decompression bombs); 0: 1<<40.
+	MaxSize int64
 }
 
 var (

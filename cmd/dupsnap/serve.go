@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/contrib/snapshotservice"
+	"github.com/containerd/log"
+	"github.com/coreos/go-systemd/v22/daemon"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+
+	"github.com/dupsnap/dupsnap/internal/cli"
+	"github.com/dupsnap/dupsnap/snapshotter"
+)
+
+var serveFlags struct {
+	config, root, address, logLevel, metrics string
+}
+
+func init() {
+	app.Register(&cli.Command{
+		Name:  "serve",
+		Usage: "serve [--config FILE] [--root DIR] [--address SOCKET] [--log-level L] [--metrics-address ADDR]",
+		Short: "run the containerd snapshotter daemon (proxy plugin, gRPC on a unix socket)",
+		Long: `Serves containerd's snapshots API on a unix socket (mode 0600) so that
+containerd can use dupsnap as a proxy snapshotter ([proxy_plugins.dupsnap],
+see docs/containerd.md). Image layers become manifests over one node-wide
+file store under --root; container root filesystems are FUSE mounts served
+by separate "dupsnap rootfs" processes that keep running when this daemon
+stops, is killed or upgraded; on start it re-adopts them.
+
+Options come from the TOML config (default /etc/dupsnap/config.toml, every
+option documented in docs/config.toml); flags given here override it.
+Tells systemd when ready (Type=notify) and stops on SIGINT/SIGTERM.`,
+		Flags: func(fs *flag.FlagSet) {
+			fs.StringVar(&serveFlags.config, "config", "", "TOML config file (default "+defaultConfigPath+" if it exists)")
+			fs.StringVar(&serveFlags.root, "root", "", "state directory: CAS, manifests, metadata, snapshots (default "+defaultRoot+")")
+			fs.StringVar(&serveFlags.address, "address", "", "unix socket to serve on (default "+defaultAddress+")")
+			fs.StringVar(&serveFlags.logLevel, "log-level", "", "trace, debug, info, warn or error (default info)")
+			fs.StringVar(&serveFlags.metrics, "metrics-address", "", "serve Prometheus metrics on this TCP address (e.g. 127.0.0.1:9411); off if empty")
+		},
+		Run: runServe,
+	})
+}
+
+func runServe(ctx context.Context, args []string) error {
+	if len(args) > 0 {
+		return cli.Usagef("unexpected arguments %q", args)
+	}
+	path, explicit := defaultConfigPath, false
+	if serveFlags.config != "" {
+		path, explicit = serveFlags.config, true
+	}
+	cfg, err := loadServeConfig(path, explicit)
+	if err != nil {
+		return err
+	}
+	override(&cfg.Root, serveFlags.root)
+	override(&cfg.Address, serveFlags.address)
+	override(&cfg.LogLevel, serveFlags.logLevel)
+	override(&cfg.MetricsAddress, serveFlags.metrics)
+	if err := cli.SetupLogging(cfg.LogLevel); err != nil {
+		return err
+	}
+
+	sn, err := snapshotter.New(ctx, snapshotter.Config{
+		Root:         cfg.Root,
+		RootfsBinary: cfg.Rootfs.Binary,
+		RootfsDebug:  cfg.Rootfs.Debug,
+		GCGrace:      time.Duration(cfg.GC.Grace),
+		NoSync:       cfg.CAS.NoSync,
+		NoLowerView:  !cfg.Unpack.LowerView,
+	})
+	if err != nil {
+		return err
+	}
+	defer sn.Close()
+
+	l, err := listenUnix(cfg.Address)
+	if err != nil {
+		return err
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
+
+	var msrv *http.Server
+	if cfg.MetricsAddress != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(snapshotter.NewCollector(sn)...)
+		reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		ml, err := net.Listen("tcp", cfg.MetricsAddress)
+		if err != nil {
+			l.Close()
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		msrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go msrv.Serve(ml)
+		log.G(ctx).WithField("address", ml.Addr().String()).Info("serving metrics")
+	}
+
+	errCh := make(chan error, 1)
+	go func() { errCh <- srv.Serve(l) }()
+	log.G(ctx).WithField("address", cfg.Address).WithField("root", sn.Root()).Info("dupsnap snapshotter serving")
+	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
+		log.G(ctx).WithError(err).Warn("sd_notify")
+	}
+
+	select {
+	case err = <-errCh:
+	case <-ctx.Done():
+		log.G(ctx).Info("stopping (rootfs servers keep running)")
+		daemon.SdNotify(false, daemon.SdNotifyStopping)
+		stopped := make(chan struct{})
+		go func() { srv.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(10 * time.Second):
+			srv.Stop()
+		}
+	}
+	if msrv != nil {
+		msrv.Close()
+	}
+	os.Remove(cfg.Address)
+	if errors.Is(err, grpc.ErrServerStopped) {
+		err = nil
+	}
+	return err
+}
+
+func override(dst *string, v string) {
+	if v != "" {
+		*dst = v
+	}
+}
+
+// listenUnix replaces a stale socket and makes the new one 0600: the API
+// can mount anything, so only root (containerd) may talk to it.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o711); err != nil {
+		return nil, err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, err
+	}
+	return l, nil
+}

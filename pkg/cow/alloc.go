@@ -1,0 +1,167 @@
+package cow
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// noGoal: the file has no placement preference yet.
+const noGoal = math.MaxUint64
+
+// window is how many blocks to hold for a file beyond its current
+// allocation, so that its next writes land right after this one even when
+// other files allocate in between (like ext4's per-inode preallocation).
+// It grows with the file.
+func (r *Region) window(f *File) uint64 {
+	lo, hi := uint64(r.opts.FileReserve)/r.bs, uint64(r.opts.MaxFileReserve)/r.bs
+	return min(max(f.m.blocks(), lo), hi)
+}
+
+// allocLocked returns a physical run of 1..want blocks for f, as close to
+// goal as possible. r.mu held.
+func (r *Region) allocLocked(f *File, goal, want uint64) (p, n uint64, err error) {
+	if want == 0 {
+		return 0, 0, errors.New("cow: zero allocation")
+	}
+	for attempt := 0; ; attempt++ {
+		// The file's own window, when the goal is its front.
+		if f.resv.N > 0 && goal == f.resv.P {
+			return r.takeResv(f, want)
+		}
+		// Right after the logical predecessor: perfectly contiguous.
+		if goal != noGoal {
+			if n := r.free.takeAt(goal, want); n > 0 {
+				r.used += n
+				return goal, n, nil
+			}
+		}
+		if f.resv.N > 0 {
+			return r.takeResv(f, want)
+		}
+		// A fresh placement: next-fit from the goal (or the region cursor),
+		// preferring a run that also fits the file's window.
+		if goal == noGoal {
+			goal = r.cursor
+		}
+		win := r.window(f)
+		if i := r.free.find(goal, want, want+win); i >= 0 {
+			ru := r.free.r[i]
+			n = min(want, ru.N)
+			r.free.cut(i, ru.P, n)
+			r.used += n
+			if rest := ru.N - n; rest > 0 && win > 0 {
+				w := min(win, rest)
+				r.free.takeAt(ru.P+n, w)
+				f.resv = run{ru.P + n, w}
+				r.resv += w
+			}
+			r.cursor = ru.P + n + f.resv.N
+			return ru.P, n, nil
+		}
+		switch attempt {
+		case 0:
+			// Out of free space: other files' windows are only hints.
+			r.stealResvLocked()
+		case 1:
+			if err := r.growLocked(want); err != nil {
+				if errors.Is(err, syscall.ENOSPC) && r.pendBlk > 0 {
+					return 0, 0, errNeedCommit
+				}
+				return 0, 0, err
+			}
+		default:
+			return 0, 0, ErrNoSpace
+		}
+	}
+}
+
+func (r *Region) takeResv(f *File, want uint64) (uint64, uint64, error) {
+	p := f.resv.P
+	n := min(want, f.resv.N)
+	f.resv.P += n
+	f.resv.N -= n
+	r.resv -= n
+	r.used += n
+	return p, n, nil
+}
+
+func (r *Region) dropResvLocked(f *File) {
+	if f.resv.N == 0 {
+		return
+	}
+	if err := r.free.add(f.resv.P, f.resv.N); err != nil && r.err == nil {
+		r.err = err
+	}
+	r.resv -= f.resv.N
+	f.resv = run{}
+}
+
+func (r *Region) stealResvLocked() {
+	for _, g := range r.files {
+		r.dropResvLocked(g)
+	}
+}
+
+// growLocked extends the data file by a step (at least want blocks),
+// within MaxSize.
+func (r *Region) growLocked(want uint64) error {
+	capB := int64(r.capBlk * r.bs)
+	step := max(r.opts.GrowStep, int64(want*r.bs))
+	step = (step + int64(r.bs) - 1) / int64(r.bs) * int64(r.bs)
+	if r.opts.MaxSize > 0 {
+		limit := r.opts.MaxSize / int64(r.bs) * int64(r.bs)
+		step = min(step, limit-capB)
+		if step <= 0 {
+			return ErrNoSpace
+		}
+	}
+	if err := unix.Fallocate(int(r.data.Fd()), 0, capB, step); err != nil {
+		return fmt.Errorf("cow: grow region to %d bytes: %w", capB+step, err)
+	}
+	nb := uint64(step) / r.bs
+	if err := r.free.add(r.capBlk, nb); err != nil {
+		return err
+	}
+	r.capBlk += nb
+	r.dirty.Store(true) // the new size must reach disk before maps into it
+	return nil
+}
+
+// freeLocked is called for blocks a file no longer maps: they stay
+// unusable until the record that unmapped them is durable, so that a crash
+// can never resurrect the old map over someone else's new data.
+func (r *Region) freeLocked(p, n uint64) {
+	r.pendFree = append(r.pendFree, run{p, n})
+	r.pendBlk += n
+	r.used -= n
+}
+
+// release makes committed frees allocatable, punching big runs out of the
+// data file first (nobody can own them yet, so the punch cannot race a
+// write).
+func (r *Region) release(frees []run) {
+	if len(frees) == 0 {
+		return
+	}
+	if th := r.opts.PunchThreshold; th > 0 {
+		for _, f := range frees {
+			if int64(f.N*r.bs) >= th {
+				// Best effort: a failed punch only costs disk space.
+				_ = unix.Fallocate(int(r.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
+					int64(f.P*r.bs), int64(f.N*r.bs))
+			}
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, f := range frees {
+		if err := r.free.add(f.P, f.N); err != nil && r.err == nil {
+			r.err = err
+		}
+		r.pendBlk -= f.N
+	}
+}

@@ -1,0 +1,106 @@
+// Package rootfs serves the root filesystem of one container (or one
+// read-only view) with FUSE: the merged layer manifests of an image, clean
+// files passed through to their CAS objects, and, for active snapshots, the
+// container's own writes kept in a state directory.
+//
+// One rootfs is served by one process (`dupsnap rootfs --config FILE`),
+// detached from the snapshotter daemon so that the daemon can die or be
+// upgraded without breaking running containers (see Start, Stop, Alive).
+package rootfs
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// Config describes one rootfs.
+type Config struct {
+	Mountpoint   string          `json:"mountpoint"`    // where the FUSE fs is mounted (exists, empty dir)
+	CASRoot      string          `json:"cas_root"`      // node CAS root (cas.Open(CASRoot, cas.Options{}))
+	ManifestRoot string          `json:"manifest_root"` // layout.Store dir (layout.OpenStore)
+	Layers       []digest.Digest `json:"layers"`        // manifest keys (diffIDs) bottom first; may be empty
+	StateDir     string          `json:"state_dir"`     // writable state of an active snapshot; "" for a read-only view
+	ReadOnly     bool            `json:"read_only"`     // views: every write fails with EROFS
+	Debug        bool            `json:"debug"`
+}
+
+// Files next to the mountpoint: Stop and Alive only get the mountpoint, so
+// everything they need must be derivable from it.
+const (
+	configName = "rootfs.json"
+	pidName    = "rootfs.pid"
+	// FSType is the type a dupsnap rootfs shows in /proc/self/mountinfo.
+	FSType = "fuse.dupsnap"
+)
+
+// ConfigPath is where Start writes the config of the rootfs at mountpoint.
+func ConfigPath(mountpoint string) string {
+	return filepath.Join(filepath.Dir(filepath.Clean(mountpoint)), configName)
+}
+
+func pidPath(mountpoint string) string {
+	return filepath.Join(filepath.Dir(filepath.Clean(mountpoint)), pidName)
+}
+
+// upperDir holds the overlay-format changes of an active snapshot.
+func (c *Config) upperDir() string {
+	if c.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(c.StateDir, "upper")
+}
+
+// workDir holds temporary files of copy-up (same filesystem as upper, so
+// that a finished copy is renamed into place atomically).
+func (c *Config) workDir() string {
+	if c.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(c.StateDir, "work")
+}
+
+func (c *Config) validate() error {
+	if c.Mountpoint == "" || !filepath.IsAbs(c.Mountpoint) {
+		return fmt.Errorf("rootfs: mountpoint %q must be an absolute path", c.Mountpoint)
+	}
+	if c.CASRoot == "" || c.ManifestRoot == "" {
+		return fmt.Errorf("rootfs: cas_root and manifest_root are required")
+	}
+	if c.StateDir == "" && !c.ReadOnly {
+		return fmt.Errorf("rootfs: a rootfs without state_dir must be read_only")
+	}
+	return nil
+}
+
+// LoadConfig reads a config written by Start (or by hand).
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return c, fmt.Errorf("rootfs: read config: %w", err)
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		return c, fmt.Errorf("rootfs: parse config %s: %w", path, err)
+	}
+	return c, c.validate()
+}
+
+// writeConfig stores c atomically (a restarted daemon re-reads it).
+func writeConfig(path string, c Config) error {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return fmt.Errorf("rootfs: write config: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("rootfs: write config: %w", err)
+	}
+	return nil
+}

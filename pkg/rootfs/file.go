@@ -1,0 +1,188 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"os"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// fileHandle is an open regular file: either the read-only CAS object of a
+// clean image file, or the data of an upper file.
+type fileHandle struct {
+	obj  *os.File // CAS object (read-only), nil for empty image files
+	data dataFile // upper content
+	up   bool
+	ino  uint64
+}
+
+var (
+	_ = (fs.NodeOpener)((*node)(nil))
+	_ = (fs.FilePassthroughFder)((*fileHandle)(nil))
+	_ = (fs.FileReader)((*fileHandle)(nil))
+	_ = (fs.FileWriter)((*fileHandle)(nil))
+	_ = (fs.FileFsyncer)((*fileHandle)(nil))
+	_ = (fs.FileFlusher)((*fileHandle)(nil))
+	_ = (fs.FileReleaser)((*fileHandle)(nil))
+	_ = (fs.FileGetattrer)((*fileHandle)(nil))
+	_ = (fs.FileLseeker)((*fileHandle)(nil))
+	_ = (fs.FileAllocater)((*fileHandle)(nil))
+)
+
+func writeIntent(flags uint32) bool {
+	return flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0
+}
+
+func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if writeIntent(flags) && n.r.readOnly {
+		return nil, 0, syscall.EROFS
+	}
+	if !writeIntent(flags) {
+		n.r.mu.RLock()
+		es, errno := n.state()
+		n.r.mu.RUnlock()
+		if errno != 0 {
+			return nil, 0, errno
+		}
+		if !es.up {
+			return n.openLower(&es)
+		}
+	}
+	n.r.mu.Lock()
+	defer n.r.mu.Unlock()
+	es, errno := n.state()
+	if errno != 0 {
+		return nil, 0, errno
+	}
+	p := n.path()
+	if !es.up {
+		if err := n.r.copyUp(ctx, p, es.lower); err != nil {
+			logErr(ctx, "copy-up", p, err)
+			return nil, 0, toErrno(err)
+		}
+	}
+	d, err := n.r.data.Open(n.r.upperPath(p))
+	if err != nil {
+		return nil, 0, toErrno(err)
+	}
+	if flags&syscall.O_TRUNC != 0 {
+		if err := d.Truncate(0); err != nil {
+			d.Close()
+			return nil, 0, toErrno(err)
+		}
+	}
+	return &fileHandle{data: d, up: true, ino: n.StableAttr().Ino}, 0, 0
+}
+
+// openLower opens a clean image file: the kernel reads its CAS object
+// directly (passthrough), sharing page cache with every other container.
+func (n *node) openLower(es *entryState) (fs.FileHandle, uint32, syscall.Errno) {
+	e := &es.lower.Entry
+	h := &fileHandle{ino: es.lower.Ino}
+	if e.Size > 0 {
+		f, err := n.r.cas.OpenFile(e.Digest)
+		if err != nil {
+			logErr(context.Background(), "open object", e.Digest.String(), err)
+			return nil, 0, syscall.EIO
+		}
+		h.obj = f
+	}
+	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (h *fileHandle) PassthroughFd() (int, bool) {
+	if h.obj != nil {
+		return int(h.obj.Fd()), true
+	}
+	if h.data != nil {
+		if fd := h.data.Fd(); fd != ^uintptr(0) {
+			return int(fd), true
+		}
+	}
+	return -1, false
+}
+
+func (h *fileHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	var n int
+	var err error
+	switch {
+	case h.obj != nil:
+		n, err = h.obj.ReadAt(dest, off)
+	case h.data != nil:
+		n, err = h.data.ReadAt(dest, off)
+	}
+	if err != nil && n == 0 && !errors.Is(err, io.EOF) {
+		return nil, toErrno(err)
+	}
+	return fuse.ReadResultData(dest[:n]), 0
+}
+
+func (h *fileHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	if h.data == nil {
+		return 0, syscall.EBADF
+	}
+	n, err := h.data.WriteAt(data, off)
+	return uint32(n), toErrno(err)
+}
+
+func (h *fileHandle) Flush(ctx context.Context) syscall.Errno { return 0 }
+
+func (h *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	if h.data == nil {
+		return 0
+	}
+	return toErrno(h.data.Sync())
+}
+
+func (h *fileHandle) Release(ctx context.Context) syscall.Errno {
+	if h.obj != nil {
+		h.obj.Close()
+	}
+	if h.data != nil {
+		h.data.Close()
+	}
+	return 0
+}
+
+func (h *fileHandle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
+	if h.data == nil {
+		return syscall.ENOTSUP
+	}
+	fi, err := h.data.Stat()
+	if err != nil {
+		return toErrno(err)
+	}
+	upperAttr(fi.Sys().(*syscall.Stat_t), h.ino, &out.Attr)
+	return 0
+}
+
+func (h *fileHandle) fd() int {
+	if h.obj != nil {
+		return int(h.obj.Fd())
+	}
+	if h.data != nil {
+		return int(h.data.Fd())
+	}
+	return -1
+}
+
+func (h *fileHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	fd := h.fd()
+	if fd < 0 {
+		return 0, syscall.ENXIO // empty file: no data, and EOF is 0
+	}
+	n, err := unix.Seek(fd, int64(off), int(whence))
+	return uint64(n), toErrno(err)
+}
+
+func (h *fileHandle) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {
+	if h.data == nil {
+		return syscall.EBADF
+	}
+	return toErrno(unix.Fallocate(int(h.data.Fd()), mode, int64(off), int64(size)))
+}

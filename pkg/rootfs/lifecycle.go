@@ -1,0 +1,232 @@
+package rootfs
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// mountEntry is one line of /proc/self/mountinfo.
+type mountEntry struct {
+	major, minor int
+	fstype       string
+}
+
+// unescape undoes mountinfo's octal escapes (\040 for space, ...).
+func unescape(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// findMount returns the topmost mount at mountpoint. It reads mountinfo and
+// never touches the mount itself (a stuck FUSE server would hang a stat).
+func findMount(mountpoint string) (mountEntry, bool) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return mountEntry{}, false
+	}
+	mp := filepath.Clean(mountpoint)
+	var found mountEntry
+	ok := false
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 10 || unescape(f[4]) != mp {
+			continue
+		}
+		sep := 6
+		for sep < len(f) && f[sep] != "-" {
+			sep++
+		}
+		if sep+1 >= len(f) {
+			continue
+		}
+		var e mountEntry
+		if _, err := fmt.Sscanf(f[2], "%d:%d", &e.major, &e.minor); err != nil {
+			continue
+		}
+		e.fstype = f[sep+1]
+		found, ok = e, true // later lines are mounted on top
+	}
+	return found, ok
+}
+
+// Mounted reports whether a dupsnap FUSE fs is mounted at mountpoint.
+func Mounted(mountpoint string) bool {
+	e, ok := findMount(mountpoint)
+	return ok && e.fstype == FSType
+}
+
+func readPid(mountpoint string) int {
+	b, err := os.ReadFile(pidPath(mountpoint))
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+// ourProcess reports whether pid is a live `dupsnap rootfs` process (pids
+// are reused: never signal a process just because a pidfile names it).
+func ourProcess(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return false
+	}
+	args := strings.Split(string(b), "\x00")
+	if len(args) < 2 || args[1] != "rootfs" {
+		return false
+	}
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err == nil {
+		if i := bytes.LastIndexByte(st, ')'); i > 0 && i+2 < len(st) && st[i+2] == 'Z' {
+			return false // zombie: dead, not yet reaped
+		}
+	}
+	return true
+}
+
+// Alive reports whether a live dupsnap rootfs is mounted at mountpoint.
+func Alive(mountpoint string) bool {
+	if !Mounted(mountpoint) {
+		return false
+	}
+	if pid := readPid(mountpoint); pid != 0 {
+		return ourProcess(pid)
+	}
+	return true // served in-process (no pidfile)
+}
+
+// Start writes cfg next to the mountpoint, spawns `<binary> rootfs --config
+// FILE` detached from the caller, and returns once the mount is live.
+func Start(ctx context.Context, binary string, cfg Config, logFile string) (int, error) {
+	if err := cfg.validate(); err != nil {
+		return 0, err
+	}
+	cfgPath := ConfigPath(cfg.Mountpoint)
+	if err := writeConfig(cfgPath, cfg); err != nil {
+		return 0, err
+	}
+	logf, err := os.OpenFile(logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return 0, fmt.Errorf("rootfs: log file: %w", err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(binary, "rootfs", "--config", cfgPath)
+	cmd.Stdout, cmd.Stderr = logf, logf // stdin stays /dev/null
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("rootfs: start %s: %w", binary, err)
+	}
+	pid := cmd.Process.Pid
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }() // reap it if it dies while we live
+	fail := func(err error) (int, error) {
+		cmd.Process.Kill()
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+		}
+		os.Remove(pidPath(cfg.Mountpoint))
+		return 0, fmt.Errorf("rootfs: start %s: %w; log: %s", cfg.Mountpoint, err, logTail(logFile))
+	}
+	if err := os.WriteFile(pidPath(cfg.Mountpoint), []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
+		return fail(err)
+	}
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		if Mounted(cfg.Mountpoint) {
+			return pid, nil
+		}
+		select {
+		case <-exited:
+			return fail(errors.New("server exited"))
+		case <-ctx.Done():
+			return fail(ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+func logTail(path string) string {
+	b, _ := os.ReadFile(path)
+	if len(b) > 2048 {
+		b = b[len(b)-2048:]
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// abortConn aborts the FUSE connection with device minor dev: every
+// request fails at once and nothing waits on the server any more.
+func abortConn(minor int) {
+	os.WriteFile(fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", minor), []byte("1"), 0)
+}
+
+// Stop unmounts mountpoint, waits up to ctx for the server to exit, and
+// aborts the FUSE connection (and kills the server) if it is stuck.
+func Stop(ctx context.Context, mountpoint string) error {
+	pid := readPid(mountpoint)
+	if pid != 0 && !ourProcess(pid) {
+		pid = 0
+	}
+	var minor = -1
+	for Mounted(mountpoint) {
+		e, _ := findMount(mountpoint)
+		minor = e.minor
+		err := syscall.Unmount(mountpoint, 0)
+		if errors.Is(err, syscall.EBUSY) {
+			err = syscall.Unmount(mountpoint, syscall.MNT_DETACH)
+		}
+		if err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+			return fmt.Errorf("rootfs: unmount %s: %w", mountpoint, err)
+		}
+	}
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for pid != 0 && ourProcess(pid) {
+		select {
+		case <-ctx.Done():
+			if minor >= 0 {
+				abortConn(minor)
+			}
+			syscall.Kill(pid, syscall.SIGKILL)
+			pid = 0
+		case <-tick.C:
+		}
+	}
+	if minor >= 0 {
+		// A detached mount of a stuck server keeps its connection.
+		if _, err := os.Stat(fmt.Sprintf("/sys/fs/fuse/connections/%d", minor)); err == nil {
+			abortConn(minor)
+		}
+	}
+	os.Remove(pidPath(mountpoint))
+	return nil
+}

@@ -1,0 +1,202 @@
+package rootfs
+
+import (
+	"context"
+	"strings"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+
+	"github.com/dupsnap/dupsnap/pkg/layout"
+)
+
+// node is one inode of the mounted tree. It is path based like overlayfs:
+// what a name is (image entry, upper entry, whiteout) is read from the
+// upper dir at the node's current path, so renames and a restart of the
+// server need no bookkeeping beyond the upper dir itself.
+type node struct {
+	fs.Inode
+	r *rootFS
+	// lower is the image inode this node came from (nil for new files).
+	// It applies only while no upper entry shadows the node's path.
+	lower *layout.Node
+}
+
+var (
+	_ = (fs.NodeLookuper)((*node)(nil))
+	_ = (fs.NodeGetattrer)((*node)(nil))
+	_ = (fs.NodeReadlinker)((*node)(nil))
+	_ = (fs.NodeGetxattrer)((*node)(nil))
+	_ = (fs.NodeListxattrer)((*node)(nil))
+	_ = (fs.NodeStatfser)((*node)(nil))
+	_ = (fs.NodeOpendirHandler)((*node)(nil))
+)
+
+func fsErrno(err error) syscall.Errno { return fs.ToErrno(err) }
+
+func (n *node) path() string { return n.Path(nil) }
+
+// state is what n's path currently is.
+func (n *node) state() (entryState, syscall.Errno) {
+	es, errno := n.r.stateAt(n.path(), n.lower)
+	if errno == 0 && !es.exists() {
+		errno = syscall.ENOENT
+	}
+	return es, errno
+}
+
+// attr fills a from state es of n.
+func (n *node) attr(es *entryState, a *fuse.Attr) {
+	if es.up {
+		upperAttr(&es.st, n.StableAttr().Ino, a)
+		if es.lower != nil {
+			a.Nlink = 1 // merged dir: subdir count unknown (as overlayfs)
+		}
+		return
+	}
+	n.r.lowerAttr(es.lower, a)
+}
+
+func (r *rootFS) newNode(parent *fs.Inode, ctx context.Context, es *entryState, lower *layout.Node) *fs.Inode {
+	var sa fs.StableAttr
+	if es.up {
+		sa = fs.StableAttr{Mode: es.st.Mode & syscall.S_IFMT, Ino: r.inoFor(&es.st, lower)}
+	} else {
+		sa = fs.StableAttr{Mode: typeBits(es.lower.Entry.Type), Ino: es.lower.Ino}
+	}
+	return parent.NewInode(ctx, &node{r: r, lower: lower}, sa)
+}
+
+func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
+	n.r.mu.RLock()
+	defer n.r.mu.RUnlock()
+	dp := n.path()
+	d, errno := n.state()
+	if errno != 0 {
+		return nil, errno
+	}
+	c, errno := n.r.child(&d, dp, name)
+	if errno != 0 {
+		return nil, errno
+	}
+	if !c.exists() {
+		return nil, syscall.ENOENT
+	}
+	var lower *layout.Node
+	if d.lower != nil {
+		lower = d.lower.Children[name]
+	}
+	ch := n.r.newNode(n.EmbeddedInode(), ctx, &c, lower)
+	chn := ch.Operations().(*node)
+	chn.attr(&c, &out.Attr)
+	out.Attr.Ino = ch.StableAttr().Ino
+	return ch, 0
+}
+
+func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	if fh, ok := f.(*fileHandle); ok && fh.up {
+		return fh.Getattr(ctx, out)
+	}
+	n.r.mu.RLock()
+	defer n.r.mu.RUnlock()
+	es, errno := n.state()
+	if errno != 0 {
+		return errno
+	}
+	n.attr(&es, &out.Attr)
+	return 0
+}
+
+func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	n.r.mu.RLock()
+	defer n.r.mu.RUnlock()
+	es, errno := n.state()
+	if errno != 0 {
+		return nil, errno
+	}
+	if es.up {
+		buf := make([]byte, 4096)
+		k, err := unix.Readlink(n.r.upperPath(n.path()), buf)
+		if err != nil {
+			return nil, toErrno(err)
+		}
+		return buf[:k], 0
+	}
+	if es.lower.Entry.Type != layout.TypeSymlink {
+		return nil, syscall.EINVAL
+	}
+	return []byte(es.lower.Entry.Linkname), 0
+}
+
+// internalXattr hides the overlay format's own attributes from the container.
+func internalXattr(name string) bool { return strings.HasPrefix(name, "trusted.overlay.") }
+
+func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	if internalXattr(attr) {
+		return 0, syscall.ENODATA
+	}
+	n.r.mu.RLock()
+	defer n.r.mu.RUnlock()
+	es, errno := n.state()
+	if errno != 0 {
+		return 0, errno
+	}
+	if es.up {
+		sz, err := unix.Lgetxattr(n.r.upperPath(n.path()), attr, dest)
+		return uint32(sz), toErrno(err)
+	}
+	v, ok := es.lower.Entry.Xattrs[attr]
+	if !ok {
+		return 0, syscall.ENODATA
+	}
+	if len(dest) < len(v) {
+		return uint32(len(v)), syscall.ERANGE
+	}
+	return uint32(copy(dest, v)), 0
+}
+
+func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	n.r.mu.RLock()
+	defer n.r.mu.RUnlock()
+	es, errno := n.state()
+	if errno != 0 {
+		return 0, errno
+	}
+	var names []string
+	if es.up {
+		buf := make([]byte, 64<<10)
+		sz, err := unix.Llistxattr(n.r.upperPath(n.path()), buf)
+		if err != nil {
+			return 0, toErrno(err)
+		}
+		for _, s := range strings.Split(string(buf[:sz]), "\x00") {
+			if s != "" && !internalXattr(s) {
+				names = append(names, s)
+			}
+		}
+	} else {
+		for k := range es.lower.Entry.Xattrs {
+			names = append(names, k)
+		}
+	}
+	var b []byte
+	for _, s := range names {
+		b = append(b, s...)
+		b = append(b, 0)
+	}
+	if len(dest) < len(b) {
+		return uint32(len(b)), syscall.ERANGE
+	}
+	return uint32(copy(dest, b)), 0
+}
+
+func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(n.r.statfs, &st); err != nil {
+		return toErrno(err)
+	}
+	out.FromStatfsT(&st)
+	return 0
+}

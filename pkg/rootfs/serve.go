@@ -1,0 +1,165 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/containerd/log"
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/dupsnap/dupsnap/pkg/cas"
+	"github.com/dupsnap/dupsnap/pkg/layout"
+)
+
+// loadTree merges the manifests of cfg.Layers.
+func loadTree(ctx context.Context, cfg Config) (*layout.Tree, *cas.Store, error) {
+	store, err := cas.Open(cfg.CASRoot, cas.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("rootfs: open cas: %w", err)
+	}
+	ms, err := layout.OpenStore(cfg.ManifestRoot, store)
+	if err != nil {
+		store.Close()
+		return nil, nil, fmt.Errorf("rootfs: open manifest store: %w", err)
+	}
+	chain := make([]*layout.Manifest, 0, len(cfg.Layers))
+	for _, d := range cfg.Layers {
+		m, err := ms.Get(ctx, d)
+		if err != nil {
+			store.Close()
+			return nil, nil, fmt.Errorf("rootfs: layer %s: %w", d, err)
+		}
+		chain = append(chain, m)
+	}
+	tree, err := layout.Merge(chain)
+	if err != nil {
+		store.Close()
+		return nil, nil, fmt.Errorf("rootfs: merge layers: %w", err)
+	}
+	if tree.Root == nil {
+		tree.Root = &layout.Node{Ino: 1}
+	}
+	if tree.Root.Entry.Type != layout.TypeDir {
+		tree.Root.Entry.Type = layout.TypeDir
+	}
+	if tree.Root.Children == nil {
+		tree.Root.Children = map[string]*layout.Node{}
+	}
+	if tree.Root.Entry.Mode == 0 {
+		tree.Root.Entry.Mode = 0o755
+	}
+	return tree, store, nil
+}
+
+// prepareState creates the upper and work dirs of an active snapshot; a
+// new upper root gets the image root's metadata.
+func prepareState(ctx context.Context, r *rootFS) error {
+	if r.upper == "" {
+		return nil
+	}
+	if err := os.MkdirAll(r.work, 0o700); err != nil {
+		return fmt.Errorf("rootfs: state dir: %w", err)
+	}
+	// Leftovers of a copy-up interrupted by a crash.
+	if ents, err := os.ReadDir(r.work); err == nil {
+		for _, e := range ents {
+			os.RemoveAll(r.work + "/" + e.Name())
+		}
+	}
+	if _, err := os.Lstat(r.upper); err == nil {
+		return nil
+	}
+	tmp := r.tmpName()
+	if err := r.createFrom(ctx, tmp, &r.tree.Root.Entry); err != nil {
+		return fmt.Errorf("rootfs: create upper dir: %w", err)
+	}
+	if err := os.Rename(tmp, r.upper); err != nil {
+		return fmt.Errorf("rootfs: create upper dir: %w", err)
+	}
+	return nil
+}
+
+// mountOptions are the FUSE options of every dupsnap rootfs.
+func mountOptions(cfg Config) *fs.Options {
+	t := cacheTimeout
+	o := &fs.Options{
+		MountOptions: fuse.MountOptions{
+			AllowOther:   true,
+			FsName:       "dupsnap",
+			Name:         "dupsnap",
+			Options:      []string{"default_permissions", "dev", "suid"},
+			MaxReadAhead: 1 << 20,
+			MaxWrite:     1 << 20,
+			DirectMount:  true,
+			Debug:        cfg.Debug,
+			// Passthrough is negotiated by go-fuse when the kernel offers
+			// it (CAP_PASSTHROUGH) and used for handles with PassthroughFd.
+		},
+		EntryTimeout:    &t,
+		AttrTimeout:     &t,
+		NegativeTimeout: &t,
+		RootStableAttr:  &fs.StableAttr{Ino: 1},
+	}
+	if cfg.ReadOnly {
+		o.DirectMountFlags = syscall.MS_RDONLY
+		o.Options = append(o.Options, "ro")
+	}
+	return o
+}
+
+// Serve mounts and serves in this process until ctx is done or the fs is
+// unmounted.
+func Serve(ctx context.Context, cfg Config) error {
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	tree, store, err := loadTree(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	r := newRootFS(tree, store, cfg)
+	if err := prepareState(ctx, r); err != nil {
+		return err
+	}
+	root := &node{r: r, lower: tree.Root}
+	opts := mountOptions(cfg)
+	server, err := fs.Mount(cfg.Mountpoint, root, opts)
+	if err != nil && cfg.ReadOnly {
+		// "ro" is a flag for mount(2) but fusermount wants it as option;
+		// retry without the string form if the kernel refused it.
+		opts.Options = opts.Options[:len(opts.Options)-1]
+		server, err = fs.Mount(cfg.Mountpoint, root, opts)
+	}
+	if err != nil {
+		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
+	}
+	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).Info("rootfs: serving")
+	done := make(chan struct{})
+	go func() {
+		server.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	if err := server.Unmount(); err != nil {
+		log.G(ctx).WithError(err).Warn("rootfs: unmount busy, detaching")
+		if err := syscall.Unmount(cfg.Mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) {
+			return fmt.Errorf("rootfs: unmount %s: %w", cfg.Mountpoint, err)
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		return fmt.Errorf("rootfs: server of %s did not stop", cfg.Mountpoint)
+	}
+	return nil
+}

@@ -13,7 +13,7 @@ import (
 var errTooLarge = errors.New("over size limit")
 
 const (
-	chunkSize   = 512 << 10
+	chunkSize    = 512 << 10
 	chunkBuffers = 4
 )
 

@@ -26,7 +26,7 @@ func (c Compression) String() string {
 	case Zstd:
 		return "zstd"
 	}
-	return "none"
+	return "uncompressed"
 }
 
 var (

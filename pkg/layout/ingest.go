@@ -59,7 +59,7 @@ func ingest(ctx context.Context, p putter, r io.Reader, opts IngestOptions) (m *
 			return nil, err
 		}
 		if in.rec.err != nil || isTarErr(err) {
-			return nil, fmt.Errorf("%w: %s: %v", ErrInvalidLayer, comp, err)
+			return nil, fmt.Errorf("%w (%s): %v", ErrInvalidLayer, comp, err)
 		}
 		return nil, err
 	}

@@ -33,5 +33,5 @@ func (o IngestOptions) withDefaults() IngestOptions {
 // maxPending bounds the non-payload bytes buffered between two payloads:
 // a header may be preceded by PAX, GNU long name/link and global records.
 func (o IngestOptions) maxPending() int64 {
-	return 4*o.MaxHeaderLen + 64<<10
+	return 2*o.MaxHeaderLen + 8<<10
 }

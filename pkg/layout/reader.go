@@ -67,10 +67,7 @@ func (hr *hashReader) produce(src io.Reader, limit int64) {
 		case <-hr.done:
 			return
 		}
-		n, err := io.ReadFull(src, buf)
-		if err == io.ErrUnexpectedEOF {
-			err = io.EOF
-		}
+		n, err := fill(src, buf)
 		if n > 0 {
 			hr.h.Write(buf[:n])
 			total += int64(n)
@@ -90,6 +87,20 @@ func (hr *hashReader) produce(src io.Reader, limit int64) {
 			return
 		}
 	}
+}
+
+// fill reads until buf is full or src fails; unlike io.ReadFull it passes
+// a decoder's own io.ErrUnexpectedEOF (truncated gzip/zstd) through.
+func fill(src io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		k, err := src.Read(buf[n:])
+		n += k
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
 }
 
 func (hr *hashReader) Read(p []byte) (int, error) {

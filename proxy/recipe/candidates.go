@@ -6,7 +6,7 @@ import ()
 // first. Go writers (OS byte 255) set XFL from the level: 2 only for level 9,
 // 4 only for level 1, 0 otherwise, which prunes most levels for free.
 func gzipCandidates(h gzipHeader, header []byte, size int64) []*Recipe {
-	levels := []int{6, 5, 1, 9, 2, 3, 4, 7, 8} // defaults (go 6, klauspost 5) first
+	levels := []int{6, 5, 1, 9, 2, 3, 4, 7, 8, 0} // defaults (go 6, klauspost 5) first
 	if h.os == 255 {
 		switch h.xfl {
 		case 2:
@@ -14,7 +14,7 @@ func gzipCandidates(h gzipHeader, header []byte, size int64) []*Recipe {
 		case 4:
 			levels = []int{1}
 		default:
-			levels = []int{6, 5, 2, 3, 4, 7, 8}
+			levels = []int{6, 5, 2, 3, 4, 7, 8, 0}
 		}
 	}
 	var out []*Recipe

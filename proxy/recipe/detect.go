@@ -139,33 +139,58 @@ var errMismatch = errors.New("output differs from blob")
 
 // compareWriter checks written bytes against the blob at the same offset and
 // hashes them, so a matching run proves the digest without a second pass.
+// Encoders write in small pieces (flate: ~250 bytes), so the blob is read
+// ahead in large windows rather than with one ReadAt per Write.
 type compareWriter struct {
 	blob    io.ReaderAt
 	size    int64
 	off     int64
-	buf     []byte
+	win     []byte // blob[winOff : winOff+len(win)]
+	winOff  int64
 	h       hash.Hash
 	blobErr error
 }
+
+const compareWindow = 256 << 10
 
 func (w *compareWriter) Write(p []byte) (int, error) {
 	if w.off+int64(len(p)) > w.size {
 		return 0, errMismatch
 	}
-	if cap(w.buf) < len(p) {
-		w.buf = make([]byte, len(p))
+	for q := p; len(q) > 0; {
+		i := w.off - w.winOff
+		if i >= int64(len(w.win)) {
+			if err := w.fill(); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		n := min(len(q), len(w.win)-int(i))
+		if !bytes.Equal(w.win[i:i+int64(n)], q[:n]) {
+			return 0, errMismatch
+		}
+		w.h.Write(q[:n])
+		w.off += int64(n)
+		q = q[n:]
 	}
-	b := w.buf[:len(p)]
-	if n, err := w.blob.ReadAt(b, w.off); n < len(b) {
-		w.blobErr = err
-		return 0, fmt.Errorf("short blob read at %d: %w", w.off, err)
-	}
-	if !bytes.Equal(b, p) {
-		return 0, errMismatch
-	}
-	w.h.Write(p)
-	w.off += int64(len(p))
 	return len(p), nil
+}
+
+// fill loads the window starting at the current offset.
+func (w *compareWriter) fill() error {
+	if w.win == nil {
+		w.win = make([]byte, compareWindow)
+	}
+	w.win = w.win[:min(int64(cap(w.win)), w.size-w.off)]
+	w.winOff = w.off
+	if n, err := w.blob.ReadAt(w.win, w.off); n < len(w.win) {
+		w.blobErr = err
+		if err == nil {
+			err = io.ErrUnexpectedEOF
+		}
+		return fmt.Errorf("short blob read at %d: %w", w.off, err)
+	}
+	return nil
 }
 
 // ctxReader makes long copies stop promptly on cancellation.

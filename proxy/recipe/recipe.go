@@ -41,7 +41,7 @@ type Recipe struct {
 	Format string // "gzip" | "zstd"
 
 	enc    string // encoder implementation, see enc* constants
-	level  int    // gzip: flate level 1..9; zstd: zstd.EncoderLevel 1..4
+	level  int    // gzip: flate level 0..9; zstd: zstd.EncoderLevel 1..4
 	header []byte // gzip: the member header exactly as found in the blob
 	zopt   zstdOptions
 	size   int64 // expected blob size, a cheap sanity check for Apply callers
@@ -144,7 +144,7 @@ func (r *Recipe) validate() error {
 		if r.enc != encGoFlate && r.enc != encKPFlate {
 			return fmt.Errorf("unknown gzip encoder %q", r.enc)
 		}
-		if r.level < 1 || r.level > 9 {
+		if r.level < 0 || r.level > 9 {
 			return fmt.Errorf("bad gzip level %d", r.level)
 		}
 		h, err := parseGzipHeader(r.header)

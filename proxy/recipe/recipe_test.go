@@ -88,12 +88,15 @@ func builders() []builder {
 		gzipBuilder("kp-bestspeed", kpgzip.BestSpeed, true, nil),
 		gzipBuilder("kp-best", kpgzip.BestCompression, true, nil),
 		gzipBuilder("kp-7-named", 7, true, named),
+		gzipBuilder("go-store", stdgzip.NoCompression, false, nil),
+		gzipBuilder("kp-store", kpgzip.NoCompression, true, nil),
 		zstdBuilder("zstd-containerd"), // zstd.NewWriter(dest), GOMAXPROCS concurrency
 		zstdBuilder("zstd-fastest", zstd.WithEncoderLevel(zstd.SpeedFastest)),
 		zstdBuilder("zstd-better", zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(1)),
 		zstdBuilder("zstd-best", zstd.WithEncoderLevel(zstd.SpeedBestCompression)),
 		zstdBuilder("zstd-ggcr-3-nocrc", zstd.WithEncoderLevel(zstd.EncoderLevelFromZstd(3)), zstd.WithEncoderCRC(false)),
 		zstdBuilder("zstd-window-1m", zstd.WithWindowSize(1<<20)),
+		zstdBuilder("zstd-concurrency-4", zstd.WithEncoderConcurrency(4)),
 	}
 }
 

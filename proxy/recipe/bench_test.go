@@ -1,0 +1,50 @@
+package recipe
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// TestThroughputReport measures Detect time and Apply MB/s per encoder on a
+// ~64 MB tar of real files. Too slow for CI; run with
+// DUPSNAP_RECIPE_BENCH=1 go test -run ThroughputReport -v ./proxy/recipe
+func TestThroughputReport(t *testing.T) {
+	if os.Getenv("DUPSNAP_RECIPE_BENCH") == "" {
+		t.Skip("set DUPSNAP_RECIPE_BENCH=1")
+	}
+	dir := os.Getenv("DUPSNAP_RECIPE_BENCH_DIR")
+	if dir == "" {
+		dir = "/usr/lib/x86_64-linux-gnu"
+	}
+	tb := realTar(t, dir, 64<<20)
+	t.Logf("tar: %d bytes from %s", len(tb), dir)
+	for _, b := range builders() {
+		if os.Getenv("DUPSNAP_RECIPE_BENCH_ONLY") != "" && os.Getenv("DUPSNAP_RECIPE_BENCH_ONLY") != b.name {
+			continue
+		}
+		var blob bytes.Buffer
+		start := time.Now()
+		b.fn(t, &blob, tb)
+		build := time.Since(start)
+		start = time.Now()
+		r, err := Detect(context.Background(), bytes.NewReader(blob.Bytes()), int64(blob.Len()), digest.FromBytes(blob.Bytes()), tarFunc(tb))
+		det := time.Since(start)
+		if err != nil || r == nil {
+			t.Fatalf("%s: Detect: %v %v", b.name, r, err)
+		}
+		start = time.Now()
+		if err := r.Apply(context.Background(), io.Discard, bytes.NewReader(tb)); err != nil {
+			t.Fatal(err)
+		}
+		app := time.Since(start)
+		mbs := func(d time.Duration) float64 { return float64(len(tb)) / 1e6 / d.Seconds() }
+		t.Logf("%-18s %-40s ratio %.3f  build %6.1f MB/s  detect %6.2fs  apply %6.1f MB/s",
+			b.name, r.Encoder(), float64(blob.Len())/float64(len(tb)), mbs(build), det.Seconds(), mbs(app))
+	}
+}

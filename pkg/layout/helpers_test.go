@@ -184,3 +184,5 @@ func entryByPath(m *Manifest, p string) *Entry {
 	}
 	return nil
 }
+
+func ioPipe() (*io.PipeReader, *io.PipeWriter) { return io.Pipe() }

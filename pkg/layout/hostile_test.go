@@ -17,7 +17,7 @@ type tarEnt struct {
 	data []byte
 }
 
-func mkTar(t *testing.T, ents ...tarEnt) []byte {
+func mkTar(t testing.TB, ents ...tarEnt) []byte {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)

@@ -78,10 +78,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	defer cancel()
 	kinds := map[snapshots.Kind]int{snapshots.KindActive: 0, snapshots.KindView: 0, snapshots.KindCommitted: 0}
 	_ = c.s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, func(_ context.Context, i snapshots.Info) error {
+		return noBucketOK(storage.WalkInfo(ctx, func(_ context.Context, i snapshots.Info) error {
 			kinds[i.Kind]++
 			return nil
-		})
+		}))
 	})
 	for k, n := range kinds {
 		ch <- prometheus.MustNewConstMetric(c.snapshotsDesc, prometheus.GaugeValue, float64(n), k.String())

@@ -154,12 +154,12 @@ func (s *Snapshotter) makeDirs(id string, mode snapMode, known digest.Digest) er
 func (s *Snapshotter) findCommitted(ctx context.Context, target, parent string) (found bool, err error) {
 	filter := fmt.Sprintf(`labels.%q==%s,parent==%q`, snapshots.LabelSnapshotRef, target, parent)
 	err = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+		return noBucketOK(storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted && info.Labels[snapshots.LabelSnapshotRef] == target && info.Parent == parent {
 				found = true
 			}
 			return nil
-		}, filter)
+		}, filter))
 	})
 	return found, err
 }

@@ -55,7 +55,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		var err error
 		ids, err = storage.IDMap(ctx)
-		return err
+		return noBucketOK(err)
 	}); err != nil {
 		return err
 	}

@@ -149,7 +149,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 	}
 	var items []item
 	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+		return noBucketOK(storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
 			if info.Kind == snapshots.KindCommitted {
 				return nil
 			}
@@ -159,7 +159,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 			}
 			items = append(items, item{info.Name, snap})
 			return nil
-		})
+		}))
 	}); err != nil {
 		return fmt.Errorf("listing snapshots: %w", err)
 	}
@@ -210,7 +210,7 @@ func (s *Snapshotter) aliveCount(ctx context.Context) (n int) {
 		for id := range m {
 			ids[id] = struct{}{}
 		}
-		return err
+		return noBucketOK(err)
 	})
 	for id := range ids {
 		if _, err := strconv.ParseUint(id, 10, 64); err != nil {

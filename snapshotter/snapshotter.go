@@ -195,8 +195,17 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 // Walk calls fn for every snapshot matching the filters.
 func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
 	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, fn, filters...)
+		return noBucketOK(storage.WalkInfo(ctx, fn, filters...))
 	})
+}
+
+// noBucketOK: a fresh metastore has no buckets until the first snapshot;
+// walking it is walking nothing.
+func noBucketOK(err error) error {
+	if errdefs.IsNotFound(err) {
+		return nil
+	}
+	return err
 }
 
 // Mounts returns the mounts of an active snapshot or view.

@@ -145,3 +145,7 @@ func snapshotDir(t *testing.T, root string) string {
 	})
 	return b.String()
 }
+
+func tarHeaderLink(name, target string) tar.Header {
+	return tar.Header{Name: name, Typeflag: tar.TypeLink, Linkname: target}
+}

@@ -48,3 +48,23 @@ func TestThroughputReport(t *testing.T) {
 			b.name, r.Encoder(), float64(blob.Len())/float64(len(tb)), mbs(build), det.Seconds(), mbs(app))
 	}
 }
+
+// BenchmarkApply: single-stream restore speed on a 4 MB generated tar.
+func BenchmarkApply(b *testing.B) {
+	tb := genTar(b, 4<<20)
+	hdr := []byte{0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255}
+	for _, r := range []*Recipe{
+		{Format: FormatGzip, enc: encGoFlate, level: 6, header: hdr},
+		{Format: FormatGzip, enc: encKPFlate, level: 5, header: hdr},
+		{Format: FormatZstd, enc: encKPZstd, level: 2, zopt: zstdOptions{CRC: true}},
+	} {
+		b.Run(r.Encoder(), func(b *testing.B) {
+			b.SetBytes(int64(len(tb)))
+			for b.Loop() {
+				if err := r.Apply(context.Background(), io.Discard, bytes.NewReader(tb)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -102,7 +102,7 @@ func builders() []builder {
 
 func TestDetectApplyRoundTrip(t *testing.T) {
 	ctx := context.Background()
-	tars := map[string][]byte{"gen": genTar(t, 1<<20), "gosrc": goSrcTar(t)}
+	tars := map[string][]byte{"gen": genTar(t, 768<<10), "gosrc": goSrcTar(t)}
 	for tname, tb := range tars {
 		for _, b := range builders() {
 			if tname == "gosrc" && b.name != "go-default" && b.name != "kp-default" && b.name != "zstd-containerd" {
@@ -126,7 +126,12 @@ func TestDetectApplyRoundTrip(t *testing.T) {
 					t.Fatal(err)
 				}
 				checkApply(t, r2, blob.Bytes(), tb)
-				_ = ctx
+				if err := r2.ApplyVerified(ctx, io.Discard, bytes.NewReader(tb), digest.FromBytes(blob.Bytes())); err != nil {
+					t.Fatal(err)
+				}
+				if err := r2.ApplyVerified(ctx, io.Discard, bytes.NewReader(tb[1:]), digest.FromBytes(blob.Bytes())); err == nil {
+					t.Fatal("ApplyVerified accepted the wrong tar")
+				}
 			})
 		}
 	}

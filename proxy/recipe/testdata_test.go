@@ -107,7 +107,7 @@ func realTar(t testing.TB, dir string, size int64) []byte {
 
 // goSrcTar is a "real files" tar small enough for unit tests.
 func goSrcTar(t testing.TB) []byte {
-	return realTar(t, filepath.Join(runtime.GOROOT(), "src", "net"), 3<<20)
+	return realTar(t, filepath.Join(runtime.GOROOT(), "src", "net"), 2<<20)
 }
 
 func tarFunc(b []byte) func() (io.ReadCloser, error) {

@@ -27,21 +27,25 @@ func gzipCandidates(h gzipHeader, header []byte, size int64) []*Recipe {
 }
 
 // zstdCandidates reads the frame header (RFC 8878 3.1.1.1) and lists the
-// klauspost levels with the window and checksum it implies. Frames with a
-// dictionary or a content size (EncodeAll / ResetContentSize) are not
-// produced by the streaming writers image builders use, so they are skipped.
+// klauspost levels with the window and checksum it implies. The streaming
+// writer turns a stream that fits one block into an EncodeAll frame (content
+// size, single segment, no window descriptor): the same writer reproduces
+// that, so only dictionaries and reserved bits are refused.
 func zstdCandidates(head []byte, size int64) []*Recipe {
 	fhd := head[4]
-	if fhd&0x03 != 0 || fhd>>6 != 0 || fhd&0x20 != 0 || fhd&0x08 != 0 {
-		return nil // dict id, content size, single segment or reserved bit
+	if fhd&0x03 != 0 || fhd&0x08 != 0 {
+		return nil // dictionary id or reserved bit
 	}
 	crc := fhd&0x04 != 0
-	wd := head[5]
-	exp := int(wd>>3) + 10
-	if wd&7 != 0 || exp > 29 {
-		return nil // klauspost only writes power-of-two windows
+	window := 0 // single segment: no descriptor, the level's default applies
+	if fhd&0x20 == 0 {
+		wd := head[5]
+		exp := int(wd>>3) + 10
+		if wd&7 != 0 || exp > 29 {
+			return nil // klauspost only writes power-of-two windows
+		}
+		window = 1 << exp
 	}
-	window := 1 << exp
 	var out []*Recipe
 	for l := 1; l <= 4; l++ {
 		w := window

@@ -252,3 +252,18 @@ func TestUnmarshalRejectsCorruption(t *testing.T) {
 		t.Fatal("nil accepted")
 	}
 }
+
+// Tiny and empty tars take the "whole tar fits in the prefix" path.
+func TestDetectTiny(t *testing.T) {
+	for _, tb := range [][]byte{{}, genTar(t, 1)} {
+		for _, b := range []builder{gzipBuilder("go", 6, false, nil), gzipBuilder("kp", 9, true, nil), zstdBuilder("zstd")} {
+			var blob bytes.Buffer
+			b.fn(t, &blob, tb)
+			r := mustDetect(t, blob.Bytes(), tb)
+			if r == nil {
+				t.Fatalf("%s on %d-byte tar: no recipe", b.name, len(tb))
+			}
+			checkApply(t, r, blob.Bytes(), tb)
+		}
+	}
+}

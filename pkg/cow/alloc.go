@@ -18,7 +18,9 @@ const noGoal = math.MaxUint64
 // It grows with the file.
 func (r *Region) window(f *File) uint64 {
 	lo, hi := uint64(r.opts.FileReserve)/r.bs, uint64(r.opts.MaxFileReserve)/r.bs
-	return min(max(f.m.blocks(), lo), hi)
+	// Never let one file's window take more than a quarter of what is
+	// free, or concurrent writers would steal each other's windows.
+	return min(max(f.m.blocks(), lo), hi, max(r.free.total/4, 1))
 }
 
 // allocLocked returns a physical run of 1..want blocks for f, as close to
@@ -64,16 +66,19 @@ func (r *Region) allocLocked(f *File, goal, want uint64) (p, n uint64, err error
 		}
 		switch attempt {
 		case 0:
-			// Out of free space: other files' windows are only hints.
-			r.stealResvLocked()
-		case 1:
+			// Grow before taking other files' windows away.
 			if err := r.growLocked(want); err != nil {
-				if errors.Is(err, syscall.ENOSPC) && r.pendBlk > 0 {
-					return 0, 0, errNeedCommit
+				if !errors.Is(err, syscall.ENOSPC) {
+					return 0, 0, err
 				}
-				return 0, 0, err
+				r.stealResvLocked()
 			}
+		case 1:
+			r.stealResvLocked()
 		default:
+			if r.pendBlk > 0 {
+				return 0, 0, errNeedCommit
+			}
 			return 0, 0, ErrNoSpace
 		}
 	}

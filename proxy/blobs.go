@@ -24,7 +24,7 @@ func (s *Server) getBlob(w http.ResponseWriter, r *http.Request, rc *reqCtx, d d
 	}
 	f, err := s.openBlob(ctx, rc, d, link)
 	if err != nil {
-		return err
+		return s.offline(err, codeBlobUnknown)
 	}
 	defer f.Close()
 	h := w.Header()

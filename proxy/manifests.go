@@ -32,7 +32,7 @@ func (s *Server) getManifest(w http.ResponseWriter, r *http.Request, rc *reqCtx,
 		}
 		link, err = s.manifestByDigest(ctx, rc, d)
 		if err != nil {
-			return err
+			return s.offline(err, codeManifestUnknown)
 		}
 	} else {
 		if !tagRe.MatchString(ref) {
@@ -40,7 +40,7 @@ func (s *Server) getManifest(w http.ResponseWriter, r *http.Request, rc *reqCtx,
 		}
 		link, stale, err = s.manifestByTag(ctx, rc, ref)
 		if err != nil {
-			return err
+			return s.offline(err, codeManifestUnknown)
 		}
 	}
 	f, size, err := s.blobs.Open(ctx, link.Digest)
@@ -207,4 +207,14 @@ func parseManifest(b []byte) (*manifestFields, error) {
 		}
 	}
 	return &mf, nil
+}
+
+// offline: in stale mode, what is neither stored nor reachable upstream is
+// unknown (404) rather than a gateway error, as a registry without the
+// upstream would answer.
+func (s *Server) offline(err error, code string) error {
+	if s.cfg.serveStale() && errors.Is(err, errUpstreamDown) {
+		return newErr(http.StatusNotFound, code, "not stored by the proxy and the upstream is unavailable", err)
+	}
+	return err
 }

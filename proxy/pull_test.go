@@ -133,9 +133,9 @@ func TestPullThroughRestoreAndStale(t *testing.T) {
 	if resp.StatusCode != 200 || resp.Header.Get("X-Dupproxy-Stale") != "true" || resp.Header.Get("Warning") == "" {
 		t.Fatalf("stale manifest: %s %v", resp.Status, resp.Header)
 	}
-	resp, _ = get(t, p2.URL+"/v2/apps/zstd/manifests/nosuchtag", nil)
-	if resp.StatusCode < 500 {
-		t.Fatalf("unknown tag with upstream down: %s", resp.Status)
+	resp, body = get(t, p2.URL+"/v2/apps/zstd/manifests/nosuchtag", nil)
+	if resp.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "MANIFEST_UNKNOWN") {
+		t.Fatalf("unknown tag with upstream down: %s %s", resp.Status, body)
 	}
 }
 

@@ -26,7 +26,7 @@ func Changes(ctx context.Context, cfg Config, b *cas.Batch) (*layout.Manifest, e
 	if err := os.MkdirAll(up, 0o755); err != nil {
 		return nil, fmt.Errorf("rootfs: changes: %w", err)
 	}
-	m, err := fromDirStub(ctx, b, up)
+	m, err := layout.FromDir(ctx, b, up)
 	if err != nil {
 		return nil, fmt.Errorf("rootfs: changes of %s: %w", cfg.StateDir, err)
 	}

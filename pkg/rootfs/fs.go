@@ -274,6 +274,7 @@ func (r *rootFS) lowerAttr(ln *layout.Node, a *fuse.Attr) {
 		a.Size = uint64(e.Size)
 	case layout.TypeSymlink:
 		a.Size = uint64(len(e.Linkname))
+		a.Mode = syscall.S_IFLNK | 0o777 // Linux symlinks are always 0777
 	case layout.TypeDir:
 		a.Size = 4096
 	}

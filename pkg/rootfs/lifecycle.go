@@ -186,6 +186,13 @@ func logTail(path string) string {
 // abortConn aborts the FUSE connection with device minor dev: every
 // request fails at once and nothing waits on the server any more.
 func abortConn(minor int) {
+	if _, err := os.Stat("/sys/fs/fuse/connections"); err == nil {
+		// fusectl may not be mounted (containers, minimal hosts).
+		var st syscall.Statfs_t
+		if syscall.Statfs("/sys/fs/fuse/connections", &st) == nil && st.Type != 0x65735543 {
+			syscall.Mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, "")
+		}
+	}
 	os.WriteFile(fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", minor), []byte("1"), 0)
 }
 

@@ -121,8 +121,8 @@ func runDifferential(t *testing.T, seed uint64, bs, ops int) {
 		case k < 10: // append
 			op = "append"
 			buf := randData(rng.IntN(2*bs) + 1)
-			if _, err := d.f.WriteAt(buf, size, base); err != nil {
-				fail(step, op, err)
+			if _, at, err := d.f.Append(buf, base); err != nil || at != size {
+				fail(step, op, errorf("at %d (size %d): %v", at, size, err))
 			}
 			d.plain.WriteAt(buf, size)
 		case k < 13:

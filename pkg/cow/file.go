@@ -215,9 +215,29 @@ func (f *File) WriteAt(p []byte, off int64, base io.ReaderAt) (int, error) {
 	if off < 0 || off > math.MaxInt64-int64(len(p)) {
 		return 0, fmt.Errorf("cow: write %d at %d: %w", f.id, off, syscall.EINVAL)
 	}
+	n, _, err := f.write(p, off, base)
+	return n, err
+}
+
+// Append writes p at the end of the file atomically with respect to other
+// writers of this File (O_APPEND) and returns the offset it wrote at.
+func (f *File) Append(p []byte, base io.ReaderAt) (int, int64, error) {
+	return f.write(p, -1, base)
+}
+
+// write is WriteAt, or an append when off < 0.
+func (f *File) write(p []byte, off int64, base io.ReaderAt) (int, int64, error) {
 	done, retried := 0, false
 	for done < len(p) {
-		n, err := f.writeOnce(p[done:], off+int64(done), base)
+		at := off
+		if off >= 0 {
+			at = off + int64(done)
+		}
+		n, start, err := f.writeOnce(p[done:], at, base)
+		if off < 0 {
+			off = start // later chunks continue where the append began
+			at = start
+		}
 		done += n
 		if n > 0 {
 			retried = false
@@ -226,7 +246,7 @@ func (f *File) WriteAt(p []byte, off int64, base io.ReaderAt) (int, error) {
 			// Space freed by removes/truncates becomes usable once durable.
 			retried = true
 			if err := f.r.Sync(); err != nil {
-				return done, err
+				return done, off, err
 			}
 			continue
 		}
@@ -234,17 +254,20 @@ func (f *File) WriteAt(p []byte, off int64, base io.ReaderAt) (int, error) {
 			err = ErrNoSpace
 		}
 		if err != nil {
-			return done, fmt.Errorf("cow: write %d at %d: %w", f.id, off+int64(done), err)
+			return done, off, fmt.Errorf("cow: write %d at %d: %w", f.id, at, err)
 		}
 	}
-	return done, f.r.maybeCommit()
+	return done, off, f.r.maybeCommit()
 }
 
-func (f *File) writeOnce(p []byte, off int64, base io.ReaderAt) (written int, err error) {
+func (f *File) writeOnce(p []byte, off int64, base io.ReaderAt) (written int, start int64, err error) {
 	if err := f.lock(); err != nil {
-		return 0, err
+		return 0, off, err
 	}
 	defer f.unlock()
+	if off < 0 {
+		off = f.size
+	}
 	oldSize := f.size
 	defer func() {
 		if end := off + int64(written); end > f.size {
@@ -254,7 +277,8 @@ func (f *File) writeOnce(p []byte, off int64, base io.ReaderAt) (written int, er
 			f.markAttr()
 		}
 	}()
-	return f.writeLocked(p, off, base)
+	written, err = f.writeLocked(p, off, base)
+	return written, off, err
 }
 
 // writeLocked is the write path under the file's locks.

@@ -174,7 +174,7 @@ func (s *Server) fetchBlobOnce(ctx context.Context, rc *reqCtx, d digest.Digest,
 	s.m.upstreamBytes.WithLabelValues("blob").Add(float64(n))
 	if err != nil {
 		s.m.upstreamErrors.WithLabelValues("blob").Inc()
-		return newErr(http.StatusBadGateway, codeBlobUnknown, fmt.Sprintf("upstream blob %s broke off after %d bytes", d, n), fmt.Errorf("%w: %w", errUpstreamDown, err))
+		return newErr(http.StatusBadGateway, codeBlobUnknown, fmt.Sprintf("upstream blob %s broke off after %d bytes", d, n), err)
 	}
 	if n != size || !v.Verified() {
 		s.m.upstreamErrors.WithLabelValues("blob").Inc()

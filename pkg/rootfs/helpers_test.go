@@ -24,7 +24,11 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	os.Exit(m.Run())
+	code := m.Run()
+	if binPath != "" && os.Getenv("DUPSNAP_BIN") == "" {
+		os.RemoveAll(filepath.Dir(binPath))
+	}
+	os.Exit(code)
 }
 
 func needRoot(t *testing.T) {

@@ -155,7 +155,7 @@ func LogTail(file string, n int) string {
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}
-	return fmt.Sprintf("--- tail of %s ---\n%s\n---", file, strings.Join(lines, "\n"))
+	return fmt.Sprintf("--- tail of %s (%d bytes) ---\n%s\n---", file, len(b), strings.Join(lines, "\n"))
 }
 
 // Run runs a command to completion with a deadline, returning combined output.

@@ -105,11 +105,11 @@ func (r *rootFS) upperPath(p string) string {
 
 // entryState is what one name of the merged tree currently is.
 type entryState struct {
-	up     bool            // an upper entry (not a whiteout) exists
-	st     syscall.Stat_t  // its lstat when up
-	opaque bool            // upper dir hides the lower dir below it
-	wh     bool            // a whiteout hides the lower entry
-	lower  *layout.Node    // the visible image entry (nil if none or hidden)
+	up     bool           // an upper entry (not a whiteout) exists
+	st     syscall.Stat_t // its lstat when up
+	opaque bool           // upper dir hides the lower dir below it
+	wh     bool           // a whiteout hides the lower entry
+	lower  *layout.Node   // the visible image entry (nil if none or hidden)
 }
 
 func (e *entryState) exists() bool { return e.up || e.lower != nil }

@@ -286,4 +286,5 @@ func isErrno(err error, want syscall.Errno) bool {
 	var e syscall.Errno
 	return err != nil && errorsAs(err, &e) && e == want
 }
+
 var errorsAs = errors.As

@@ -284,8 +284,12 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 	return 0
 }
 
-func (n *node) Unlink(ctx context.Context, name string) syscall.Errno { return n.remove(ctx, name, false) }
-func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno  { return n.remove(ctx, name, true) }
+func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
+	return n.remove(ctx, name, false)
+}
+func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
+	return n.remove(ctx, name, true)
+}
 
 func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedder, newName string, flags uint32) syscall.Errno {
 	np, ok := newParent.(*node)

@@ -173,6 +173,7 @@ func (b *Batch) do(j job, zbuf []byte) ([]byte, error) {
 		if err != nil {
 			return zbuf, fmt.Errorf("cas: write temp: %w", err)
 		}
+		b.kick(t.fd)
 	case jobKeep:
 		if t.enc != nil {
 			err := t.enc.Close()
@@ -229,10 +230,22 @@ func (b *Batch) create(t *tempObj, stream bool) error {
 	return nil
 }
 
+// kick starts writeback of what was written so far without waiting for
+// it, so the device works while the caller hashes the next files and the
+// syncs at Commit find little left to do.
+func (b *Batch) kick(fd int) {
+	if !b.s.opts.NoSync && kickWriteback {
+		unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
+}
+
+var kickWriteback = true
+
 // finish closes a complete temp; a single put syncs its data right here,
 // still in the pipeline.
 func (b *Batch) finish(t *tempObj) error {
 	var err error
+	b.kick(t.fd)
 	if b.single && !b.s.opts.NoSync {
 		if err = unix.Fdatasync(t.fd); err != nil {
 			err = fmt.Errorf("cas: fdatasync temp: %w", err)

@@ -94,7 +94,15 @@ func ensureLayout(root string, nosync bool) (created bool, err error) {
 	if err := os.MkdirAll(root, 0o755); err != nil {
 		return false, fmt.Errorf("cas: create root: %w", err)
 	}
-	for _, d := range []string{tmpDirName, "objects", objectsDir} {
+	if _, err := os.Stat(filepath.Join(root, tmpDirName)); errors.Is(err, os.ErrNotExist) {
+		spreadSubdirs(root)
+	}
+	if err := mkdirSpread(root, tmpDirName); err == nil {
+		created = true
+	} else if !errors.Is(err, os.ErrExist) {
+		return false, fmt.Errorf("cas: create tmp: %w", err)
+	}
+	for _, d := range []string{"objects", objectsDir} {
 		if err := os.Mkdir(filepath.Join(root, d), 0o755); err == nil {
 			created = true
 		} else if !errors.Is(err, os.ErrExist) {
@@ -120,6 +128,58 @@ func ensureLayout(root string, nosync bool) (created bool, err error) {
 		}
 	}
 	return created, nil
+}
+
+// mkdirSpread creates root/name under a random name first: ext4's Orlov
+// allocator picks a top directory's block group from a hash of its name,
+// so every store's "tmp" would otherwise share one group (and its freshly
+// deleted inodes; see spreadSubdirs).
+func mkdirSpread(root, name string) error {
+	dst := filepath.Join(root, name)
+	if _, err := os.Lstat(dst); err == nil {
+		return os.ErrExist
+	}
+	var r [8]byte
+	rand.Read(r[:])
+	tmp := filepath.Join(root, "."+name+"-"+hex.EncodeToString(r[:]))
+	if err := os.Mkdir(tmp, 0o755); err != nil {
+		return err
+	}
+	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, dst, unix.RENAME_NOREPLACE); err != nil {
+		os.Remove(tmp)
+		if errors.Is(err, unix.EEXIST) {
+			return os.ErrExist
+		}
+		if !errors.Is(err, unix.EINVAL) {
+			return err
+		}
+		return os.Mkdir(dst, 0o755) // no RENAME_NOREPLACE here: plain mkdir
+	}
+	return nil
+}
+
+// fsTopdirFl is FS_TOPDIR_FL (linux/fs.h): "top of directory hierarchy".
+const fsTopdirFl = 0x00020000
+
+// spreadSubdirs marks root as a top directory on ext4 (best effort; other
+// filesystems ignore or refuse it), so the Orlov allocator puts tmp/ - where
+// every object's inode is allocated - in a block group of its own instead
+// of next to its parent. Measured here (ext4 without a journal, many
+// processes creating and deleting files under /tmp): the allocator skips
+// inodes deleted in the last seconds one by one, and a create next to
+// such churn cost ~0.7-1 ms of kernel CPU, against ~20-25 us in a spread
+// directory.
+func spreadSubdirs(root string) {
+	fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	defer unix.Close(fd)
+	flags, err := unix.IoctlGetInt(fd, unix.FS_IOC_GETFLAGS)
+	if err != nil || flags&fsTopdirFl != 0 {
+		return
+	}
+	unix.IoctlSetPointerInt(fd, unix.FS_IOC_SETFLAGS, flags|fsTopdirFl)
 }
 
 func (s *Store) openFds() error {

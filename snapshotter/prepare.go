@@ -12,6 +12,8 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
 // labelParentChainID is set by containerd's unpacker on every layer but the
@@ -53,7 +55,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			unpackHits.WithLabelValues("chain").Inc()
 			return nil, fmt.Errorf("target snapshot %q: %w", target, errdefs.ErrAlreadyExists)
 		}
-		if k, ok := s.lookupLayer(digest.Digest(base.Labels[snapshots.LabelSnapshotDiffID])); ok {
+		k, ok := s.lookupLayer(digest.Digest(base.Labels[snapshots.LabelSnapshotDiffID]))
+		if !ok && s.cfg.Fetcher != nil && s.fetchLayer(ctx, base.Labels) {
+			k, ok = s.lookupLayer(digest.Digest(base.Labels[snapshots.LabelSnapshotDiffID]))
+		}
+		if ok {
 			known = k
 			if parent != "" || base.Labels[labelParentChainID] == "" {
 				// The parent is known now: commit at once under the target
@@ -190,4 +196,22 @@ func (s *Snapshotter) commitKnown(ctx context.Context, key, target, parent strin
 		}
 		return nil
 	})
+}
+
+// LayerFetcher brings a layer from elsewhere into the node's stores, its
+// manifest under the layer's real diffID (the label
+// containerd.io/snapshot/diff-id), all verified. An error means: unpack
+// normally (the fetcher logs and counts it).
+type LayerFetcher interface {
+	FetchLayer(ctx context.Context, labels map[string]string, layers *layout.Store) error
+}
+
+// fetchLayer asks the Fetcher for an unpack's layer; on success the layer
+// is on the node and Prepare proceeds as for a known layer (commit under
+// the target name, or staged in a parallel unpack). gcMu keeps Cleanup
+// from deleting the fresh manifest before a snapshot refers to it.
+func (s *Snapshotter) fetchLayer(ctx context.Context, labels map[string]string) bool {
+	s.gcMu.RLock()
+	defer s.gcMu.RUnlock()
+	return s.cfg.Fetcher.FetchLayer(ctx, labels, s.layers) == nil
 }

@@ -51,6 +51,9 @@ type Config struct {
 	// only consults the lowerdirs for implied parent directories, so this
 	// trades exactness of a manual mount for one FUSE server less per layer.
 	NoLowerView bool
+	// Fetcher, when set, is asked for a layer the node lacks before an
+	// unpack is handed to containerd (dedup offloading, snapshotter/offload).
+	Fetcher LayerFetcher
 }
 
 // Snapshotter implements snapshots.Snapshotter and snapshots.Cleaner.

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/dupsnap/dupsnap/snapshotter/offload"
 )
 
 // serveConfig is the TOML config of `dupsnap serve` (docs/config.toml
@@ -29,6 +31,37 @@ type serveConfig struct {
 	CAS struct {
 		NoSync bool `toml:"no_sync"`
 	} `toml:"cas"`
+	Offload offloadConfig `toml:"offload"`
+}
+
+// offloadConfig is [offload]: dedup offloading through dupproxy
+// (docs/offload.md). Off unless an endpoint source is set.
+type offloadConfig struct {
+	Default        string                      `toml:"default"`
+	Endpoints      map[string]offload.Endpoint `toml:"endpoints"`
+	HostsDir       string                      `toml:"hosts_dir"`
+	Timeout        duration                    `toml:"timeout"`
+	ConnectTimeout duration                    `toml:"connect_timeout"`
+	Parallel       int                         `toml:"parallel"`
+	BatchSize      int                         `toml:"batch_size"`
+	Containerd     struct {
+		Address   string `toml:"address"`
+		Namespace string `toml:"namespace"`
+	} `toml:"containerd"`
+}
+
+func (c offloadConfig) config() offload.Config {
+	return offload.Config{
+		Default:             c.Default,
+		Endpoints:           c.Endpoints,
+		HostsDir:            c.HostsDir,
+		Timeout:             time.Duration(c.Timeout),
+		ConnectTimeout:      time.Duration(c.ConnectTimeout),
+		Parallel:            c.Parallel,
+		BatchSize:           c.BatchSize,
+		ContainerdAddress:   c.Containerd.Address,
+		ContainerdNamespace: c.Containerd.Namespace,
+	}
 }
 
 const (

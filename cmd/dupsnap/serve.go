@@ -21,10 +21,12 @@ import (
 
 	"github.com/dupsnap/dupsnap/internal/cli"
 	"github.com/dupsnap/dupsnap/snapshotter"
+	"github.com/dupsnap/dupsnap/snapshotter/offload"
 )
 
 var serveFlags struct {
 	config, root, address, logLevel, metrics string
+	proxy                                    string
 }
 
 func init() {
@@ -48,6 +50,7 @@ Tells systemd when ready (Type=notify) and stops on SIGINT/SIGTERM.`,
 			fs.StringVar(&serveFlags.address, "address", "", "unix socket to serve on (default "+defaultAddress+")")
 			fs.StringVar(&serveFlags.logLevel, "log-level", "", "trace, debug, info, warn or error (default info)")
 			fs.StringVar(&serveFlags.metrics, "metrics-address", "", "serve Prometheus metrics on this TCP address (e.g. 127.0.0.1:9411); off if empty")
+			fs.StringVar(&serveFlags.proxy, "proxy", "", "default dupproxy URL for dedup offloading ([offload] default; docs/offload.md)")
 		},
 		Run: runServe,
 	})
@@ -69,18 +72,28 @@ func runServe(ctx context.Context, args []string) error {
 	override(&cfg.Address, serveFlags.address)
 	override(&cfg.LogLevel, serveFlags.logLevel)
 	override(&cfg.MetricsAddress, serveFlags.metrics)
+	override(&cfg.Offload.Default, serveFlags.proxy)
 	if err := cli.SetupLogging(cfg.LogLevel); err != nil {
 		return err
 	}
 
-	sn, err := snapshotter.New(ctx, snapshotter.Config{
+	fetcher, err := offload.New(ctx, cfg.Offload.config())
+	if err != nil {
+		return err
+	}
+	scfg := snapshotter.Config{
 		Root:         cfg.Root,
 		RootfsBinary: cfg.Rootfs.Binary,
 		RootfsDebug:  cfg.Rootfs.Debug,
 		GCGrace:      time.Duration(cfg.GC.Grace),
 		NoSync:       cfg.CAS.NoSync,
 		NoLowerView:  !cfg.Unpack.LowerView,
-	})
+	}
+	if fetcher != nil {
+		defer fetcher.Close()
+		scfg.Fetcher = fetcher
+	}
+	sn, err := snapshotter.New(ctx, scfg)
 	if err != nil {
 		return err
 	}
@@ -97,6 +110,7 @@ func runServe(ctx context.Context, args []string) error {
 	if cfg.MetricsAddress != "" {
 		reg := prometheus.NewRegistry()
 		reg.MustRegister(snapshotter.NewCollector(sn)...)
+		reg.MustRegister(offload.Collectors()...)
 		reg.MustRegister(prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
 		ml, err := net.Listen("tcp", cfg.MetricsAddress)
 		if err != nil {

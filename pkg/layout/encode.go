@@ -192,6 +192,9 @@ func (d *decBuf) sv(what string) int64 {
 }
 func (d *decBuf) raw(what string) []byte {
 	n := d.uv(what, uint64(len(d.b)))
+	if d.err == nil && n > uint64(len(d.b)) { // the varint itself was consumed
+		d.fail(what)
+	}
 	if d.err != nil {
 		return nil
 	}
@@ -235,6 +238,11 @@ func Unmarshal(b []byte) (*Manifest, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorruptManifest, err)
 	}
+	return decodeBody(plain)
+}
+
+// decodeBody parses the uncompressed body; it trusts nothing in it.
+func decodeBody(plain []byte) (*Manifest, error) {
 	d := &decBuf{b: plain}
 	m := &Manifest{}
 	m.DiffID = d.dig("diff id")

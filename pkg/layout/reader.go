@@ -92,12 +92,19 @@ func (hr *hashReader) produce(src io.Reader, limit int64) {
 // fill reads until buf is full or src fails; unlike io.ReadFull it passes
 // a decoder's own io.ErrUnexpectedEOF (truncated gzip/zstd) through.
 func fill(src io.Reader, buf []byte) (int, error) {
-	n := 0
+	n, idle := 0, 0
 	for n < len(buf) {
 		k, err := src.Read(buf[n:])
 		n += k
 		if err != nil {
 			return n, err
+		}
+		if k == 0 {
+			if idle++; idle > 100 {
+				return n, io.ErrNoProgress
+			}
+		} else {
+			idle = 0
 		}
 	}
 	return n, nil

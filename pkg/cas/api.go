@@ -57,7 +57,9 @@ type Info struct {
 //	// PutExpected verifies the content hashes to want (ErrDigestMismatch otherwise, nothing kept).
 //	func (s *Store) PutExpected(ctx context.Context, want digest.Digest, r io.Reader) (int64, error)
 //	// NewBatch amortises durability over many puts: objects become visible and
-//	// durable at Commit (parallel fdatasync, one fsync per touched shard dir).
+//	// durable at Commit (small batches: parallel fdatasync, one fsync per
+//	// touched shard dir; big ones: syncfs, rename all, syncfs - see batch.go).
+//	// Every batch must end in Commit or Abort (it holds the shared lock).
 //	func (s *Store) NewBatch() *Batch
 //	func (b *Batch) Put(ctx context.Context, r io.Reader) (digest.Digest, int64, error)
 //	func (b *Batch) PutExpected(ctx context.Context, want digest.Digest, r io.Reader) (int64, error)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -79,11 +80,35 @@ func TestRoundTripGNUTar(t *testing.T) {
 			for _, enc := range encodings {
 				t.Run(enc.name, func(t *testing.T) {
 					m := roundTrip(t, enc.enc(t, plain), plain)
+					if strings.Contains(strings.Join(c.args, " "), "--sparse") {
+						checkSparse(t, m)
+					}
 					checkTreeEntries(t, m, c.dir, strings.HasPrefix(c.name, "posix") && strings.Contains(strings.Join(c.args, " "), "xattrs"))
 				})
 			}
 		})
 	}
+}
+
+// checkSparse: the sparse file was archived sparse (only its fragments),
+// and that archived form is an object of its own, kept by Objects().
+func checkSparse(t *testing.T, m *Manifest) {
+	t.Helper()
+	for i, e := range m.Entries {
+		if e.Path != "sparse.img" {
+			continue
+		}
+		seg := m.raw.segs[i]
+		if seg.payDigest == "" || seg.paySize >= e.Size || seg.paySize < 8000 {
+			t.Fatalf("sparse.img: archived %d bytes (%q) for size %d", seg.paySize, seg.payDigest, e.Size)
+		}
+		objs := m.Objects()
+		if !slices.Contains(objs, seg.payDigest) || !slices.Contains(objs, e.Digest) {
+			t.Fatal("Objects() lacks the sparse file's objects")
+		}
+		return
+	}
+	t.Fatal("no sparse.img entry")
 }
 
 // checkTreeEntries compares manifest entries with the files they came from.

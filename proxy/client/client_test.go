@@ -1,0 +1,93 @@
+package client_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/pkg/cas"
+	"github.com/dupsnap/dupsnap/proxy"
+	"github.com/dupsnap/dupsnap/proxy/client"
+)
+
+func frame(d digest.Digest, payload []byte) []byte {
+	var h [49]byte
+	raw, _ := hex.DecodeString(d.Encoded())
+	copy(h[1:33], raw)
+	binary.BigEndian.PutUint64(h[33:41], uint64(len(payload)))
+	binary.BigEndian.PutUint64(h[41:49], uint64(len(payload)))
+	return append(h[:], payload...)
+}
+
+// A proxy (or a man in the middle) sending wrong bytes or a cut stream: the
+// client refuses wrong content and re-posts what a cut stream lacked.
+func TestFetchObjectsTampered(t *testing.T) {
+	good, other := []byte("good object"), []byte("evil object")
+	gd := digest.FromBytes(good)
+	var mode string
+	var posts int
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		posts++
+		w.Write([]byte(proxy.ObjectsMagic))
+		switch mode {
+		case "wrong":
+			w.Write(frame(gd, other))
+			w.Write([]byte{proxy.FrameEnd, 0, 0, 0, 0, 0, 0, 0, 1})
+		case "cut-then-ok":
+			if posts == 1 {
+				w.Write(frame(gd, good)[:30]) // stream ends mid-frame
+				return
+			}
+			w.Write(frame(gd, good))
+			w.Write([]byte{proxy.FrameEnd, 0, 0, 0, 0, 0, 0, 0, 1})
+		}
+	}))
+	t.Cleanup(srv.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, err := cas.Open(t.TempDir(), cas.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	c := client.New(srv.URL, nil)
+	layer := digest.FromString("layer")
+
+	mode = "wrong"
+	b := store.NewBatch()
+	if _, err := c.FetchObjects(ctx, "r", []digest.Digest{layer}, []digest.Digest{gd}, b); !errors.Is(err, client.ErrCorrupt) {
+		t.Fatalf("wrong object: %v", err)
+	}
+	b.Abort()
+	if store.Has(gd) || store.Has(digest.FromBytes(other)) {
+		t.Fatal("tampered object kept")
+	}
+
+	mode, posts = "cut-then-ok", 0
+	b = store.NewBatch()
+	st, err := c.FetchObjects(ctx, "r", []digest.Digest{layer}, []digest.Digest{gd}, b)
+	if err != nil || st.Objects != 1 || posts != 2 {
+		t.Fatalf("resume after cut: %v %+v posts=%d", err, st, posts)
+	}
+	if err := b.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := store.Open(gd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	var buf bytes.Buffer
+	buf.ReadFrom(rc)
+	if !bytes.Equal(buf.Bytes(), good) {
+		t.Fatal("stored object differs")
+	}
+}

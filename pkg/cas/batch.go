@@ -56,6 +56,7 @@ type tempObj struct {
 	name    string
 	hex     string // set once the content is hashed
 	fd      int    // writer-owned
+	anon    bool   // O_TMPFILE: no name; fd stays open until linked
 	enc     *zstd.Encoder
 	logical int64
 	gone    bool // renamed into place or unlinked: nothing to clean up
@@ -196,38 +197,14 @@ func (b *Batch) do(j job, zbuf []byte) ([]byte, error) {
 			t.enc = nil
 		}
 		if t.fd >= 0 {
-			unix.Close(t.fd)
-			t.fd = -1
-			unix.Unlinkat(s.tmpFd, t.name, 0)
+			s.releaseFd(t)
+			if !t.anon {
+				unix.Unlinkat(s.tmpFd, t.name, 0)
+			}
 			t.gone = true
 		}
 	}
 	return zbuf, nil
-}
-
-func (b *Batch) create(t *tempObj, stream bool) error {
-	s := b.s
-	fd, err := unix.Openat(s.tmpFd, t.name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, objectMode)
-	if err != nil {
-		return fmt.Errorf("cas: create temp: %w", err)
-	}
-	t.fd = fd
-	b.created = append(b.created, t)
-	if s.fixMode {
-		if err := unix.Fchmod(fd, objectMode); err != nil {
-			return fmt.Errorf("cas: chmod temp: %w", err)
-		}
-	}
-	if stream {
-		// Header placeholder; the logical size is known at jobKeep.
-		var hdr [zhdrLen]byte
-		if _, err := fdWriter(fd).Write(hdr[:]); err != nil {
-			return fmt.Errorf("cas: write temp: %w", err)
-		}
-		t.enc = zencPool.Get().(*zstd.Encoder)
-		t.enc.Reset(fdWriter(fd))
-	}
-	return nil
 }
 
 // kick starts writeback of what was written so far without waiting for
@@ -240,23 +217,6 @@ func (b *Batch) kick(fd int) {
 }
 
 var kickWriteback = true
-
-// finish closes a complete temp; a single put syncs its data right here,
-// still in the pipeline.
-func (b *Batch) finish(t *tempObj) error {
-	var err error
-	b.kick(t.fd)
-	if b.single && !b.s.opts.NoSync {
-		if err = unix.Fdatasync(t.fd); err != nil {
-			err = fmt.Errorf("cas: fdatasync temp: %w", err)
-		}
-	}
-	if cerr := unix.Close(t.fd); cerr != nil && err == nil {
-		err = fmt.Errorf("cas: close temp: %w", cerr)
-	}
-	t.fd = -1
-	return err
-}
 
 // drain stops the writer and waits for it. Called once, by Commit or Abort,
 // after every Put has returned.
@@ -280,10 +240,9 @@ func (b *Batch) cleanup() {
 			t.enc = nil
 		}
 		if t.fd >= 0 {
-			unix.Close(t.fd)
-			t.fd = -1
+			b.s.releaseFd(t)
 		}
-		if !t.gone {
+		if !t.gone && !t.anon {
 			unix.Unlinkat(b.s.tmpFd, t.name, 0)
 		}
 	}
@@ -433,6 +392,12 @@ func parallel(n int, fn func(i int) error) error {
 
 func (s *Store) syncTemps(objs []*tempObj) error {
 	return parallel(len(objs), func(i int) error {
+		if objs[i].anon {
+			if err := unix.Fdatasync(objs[i].fd); err != nil {
+				return fmt.Errorf("cas: fdatasync temp: %w", err)
+			}
+			return nil
+		}
 		fd, err := unix.Openat(s.tmpFd, objs[i].name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			return fmt.Errorf("cas: open temp for sync: %w", err)
@@ -469,37 +434,5 @@ func (s *Store) installAll(objs []*tempObj) error {
 			return err
 		}
 	}
-	return nil
-}
-
-// install gives a complete temp its final name without ever replacing an
-// existing object: if one is there (a concurrent put of the same content
-// won), the temp is simply dropped.
-func (s *Store) install(t *tempObj) error {
-	dst := relName(t.hex)
-	if s.opts.Compress {
-		dst += zstSuffix
-	}
-	if !s.noReplaceUnsupported.Load() {
-		err := unix.Renameat2(s.tmpFd, t.name, s.objFd, dst, unix.RENAME_NOREPLACE)
-		switch {
-		case err == nil:
-			t.gone = true
-			return nil
-		case errors.Is(err, unix.EEXIST):
-			unix.Unlinkat(s.tmpFd, t.name, 0)
-			t.gone = true
-			return nil
-		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOSYS):
-			s.noReplaceUnsupported.Store(true)
-		default:
-			return fmt.Errorf("cas: install %s: %w", t.hex, err)
-		}
-	}
-	if err := unix.Linkat(s.tmpFd, t.name, s.objFd, dst, 0); err != nil && !errors.Is(err, unix.EEXIST) {
-		return fmt.Errorf("cas: link %s: %w", t.hex, err)
-	}
-	unix.Unlinkat(s.tmpFd, t.name, 0)
-	t.gone = true
 	return nil
 }

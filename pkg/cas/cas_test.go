@@ -170,6 +170,7 @@ func TestDedupWritesNothing(t *testing.T) {
 		var before, tmpBefore, after, tmpAfter unix.Stat_t
 		unix.Stat(s.Path(d), &before)
 		unix.Stat(filepath.Join(s.Root(), tmpDirName), &tmpBefore)
+		created := s.tempsCreated.Load()
 		time.Sleep(20 * time.Millisecond) // coarse timestamps would hide a rewrite
 		d2, n2, err := s.Put(ctx, bytes.NewReader(data))
 		if err != nil || d2 != d || n2 != int64(n) {
@@ -191,14 +192,37 @@ func TestDedupWritesNothing(t *testing.T) {
 			t.Fatalf("object rewritten: %+v -> %+v", before, after)
 		}
 		// A temp file created and removed would have changed tmp's mtime.
-		if tmpBefore.Mtim != tmpAfter.Mtim {
+		if tmpBefore.Mtim != tmpAfter.Mtim || s.tempsCreated.Load() != created {
 			t.Fatal("a dedup put created a temp file")
 		}
 	}
 }
 
+// tempModes are the temp-file strategies of temp.go: O_TMPFILE, named
+// temps, and a mix (the O_TMPFILE cap reached mid-batch).
+var tempModes = []struct {
+	name string
+	set  func(*Store)
+}{
+	{"tmpfile", func(*Store) {}},
+	{"named", func(s *Store) { s.noTmpfile.Store(true) }},
+	{"mixed", func(s *Store) { s.maxAnon = 3 }},
+}
+
 func TestBatchDedupAndVisibility(t *testing.T) {
-	s := openStore(t, Options{})
+	for _, m := range tempModes {
+		t.Run(m.name, func(t *testing.T) {
+			s := openStore(t, Options{})
+			m.set(s)
+			testBatch(t, s)
+			if n := s.anonOpen.Load(); n != 0 {
+				t.Fatalf("%d O_TMPFILE descriptors still open", n)
+			}
+		})
+	}
+}
+
+func testBatch(t *testing.T, s *Store) {
 	ctx := testCtx(t)
 	b := s.NewBatch()
 	var ds []digest.Digest
@@ -253,8 +277,9 @@ func TestBatchDedupAndVisibility(t *testing.T) {
 }
 
 func TestConcurrentSameContent(t *testing.T) {
-	for _, n := range []int{100 << 10, 3*chunkSize + 1} {
+	for i, n := range []int{100 << 10, 3*chunkSize + 1, 5000} {
 		s := openStore(t, Options{})
+		tempModes[i].set(s)
 		ctx := testCtx(t)
 		data := randBytes(7, n)
 		var wg sync.WaitGroup

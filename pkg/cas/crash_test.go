@@ -32,6 +32,12 @@ func crashChild(t *testing.T, root string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	switch os.Getenv("CAS_TEMPS") {
+	case "named":
+		s.noTmpfile.Store(true)
+	case "mixed":
+		s.maxAnon = 4
+	}
 	logf, err := os.OpenFile(os.Getenv("CAS_LOG"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
 	if err != nil {
 		t.Fatal(err)
@@ -87,10 +93,11 @@ func TestCrash(t *testing.T) {
 	total := 0
 	for round := 0; round < 8 && time.Since(start) < 10*time.Second; round++ {
 		compress := "0"
-		if round%3 == 2 {
+		if round%4 == 3 {
 			compress = "1"
 		}
-		child := helperProcess(t, "crash", dir, "CAS_LOG="+logPath, "CAS_COMPRESS="+compress)
+		temps := []string{"named", "tmpfile", "mixed"}[round%3]
+		child := helperProcess(t, "crash", dir, "CAS_LOG="+logPath, "CAS_COMPRESS="+compress, "CAS_TEMPS="+temps)
 		time.Sleep(time.Duration(200+rng.IntN(600)) * time.Millisecond)
 		child.Process.Signal(syscall.SIGKILL)
 		child.Wait()

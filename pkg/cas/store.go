@@ -51,6 +51,12 @@ type Store struct {
 	// noReplaceUnsupported flips when renameat2(RENAME_NOREPLACE) returns
 	// EINVAL (filesystem without support); we fall back to link+unlink.
 	noReplaceUnsupported atomic.Bool
+	// O_TMPFILE temps (see temp.go): unsupported flag, open count, cap.
+	noTmpfile atomic.Bool
+	anonOpen  atomic.Int64
+	maxAnon   int64
+	// tempsCreated counts temp files ever created (tests: "writes nothing").
+	tempsCreated atomic.Int64
 }
 
 // Open opens (creating if needed) the store at root. Temp files left by a
@@ -71,6 +77,11 @@ func Open(root string, opts Options) (*Store, error) {
 	}
 	s.tmpPrefix = hex.EncodeToString(prefix[:]) + "-"
 	s.fixMode = umask()&objectMode != 0
+	s.maxAnon = 512
+	var rl unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur/2 > 512 {
+		s.maxAnon = int64(min(rl.Cur/2, 1<<20))
+	}
 	if err := s.openFds(); err != nil {
 		s.Close()
 		return nil, err

@@ -39,6 +39,7 @@ func Export(ctx context.Context, src Source, m *Manifest, w io.Writer) error {
 	if len(m.raw.segs) != len(m.Entries) {
 		return fmt.Errorf("layout: manifest %s has no tar data (%d segments, %d entries)", m.DiffID, len(m.raw.segs), len(m.Entries))
 	}
+	parent := ctx
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	free := make(chan *[]byte, exportBuffers)
@@ -59,6 +60,10 @@ func Export(ctx context.Context, src Source, m *Manifest, w io.Writer) error {
 	for range out { // let the producer finish
 	}
 	wg.Wait()
+	if err == nil {
+		// The producer stops silently when the caller's ctx ends.
+		err = parent.Err()
+	}
 	return err
 }
 

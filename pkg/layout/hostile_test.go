@@ -5,11 +5,14 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/dupsnap/dupsnap/pkg/cas"
 )
 
 type tarEnt struct {
@@ -148,4 +151,43 @@ func snapshotDir(t *testing.T, root string) string {
 
 func tarHeaderLink(name, target string) tar.Header {
 	return tar.Header{Name: name, Typeflag: tar.TypeLink, Linkname: target}
+}
+
+type failWriter struct{ n int }
+
+func (f *failWriter) Write(p []byte) (int, error) {
+	if f.n -= len(p); f.n < 0 {
+		return 0, errors.New("disk full")
+	}
+	return len(p), nil
+}
+
+// TestExportErrors: a missing object and a failing writer end the export
+// with their own errors.
+func TestExportErrors(t *testing.T) {
+	ctx := context.Background()
+	layer := mkTar(t, file("a", strings.Repeat("a", 3<<20)), file("b", "bbb"))
+	mc := newMemCAS()
+	m, err := ingest(ctx, mc, bytes.NewReader(layer), IngestOptions{})
+	must(t, err)
+	if err := Export(ctx, mc, m, &failWriter{n: 1 << 20}); err == nil || err.Error() != "disk full" {
+		t.Fatalf("failing writer: %v", err)
+	}
+	mc.mu.Lock()
+	delete(mc.objs, m.Entries[1].Digest)
+	mc.mu.Unlock()
+	if err := Export(ctx, mc, m, io.Discard); !errors.Is(err, cas.ErrNotFound) {
+		t.Fatalf("missing object: %v", err)
+	}
+	mc.mu.Lock()
+	mc.objs[m.Entries[1].Digest] = []byte("bbbb")
+	mc.mu.Unlock()
+	if err := Export(ctx, mc, m, io.Discard); !errors.Is(err, cas.ErrDigestMismatch) {
+		t.Fatalf("longer object: %v", err)
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := Export(cctx, mc, m, io.Discard); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled: %v", err)
+	}
 }

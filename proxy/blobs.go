@@ -44,6 +44,14 @@ type countingWriter struct {
 	n int64
 }
 
+// ReadFrom keeps the ResponseWriter's own ReadFrom (sendfile from the cache
+// file) reachable through the wrapper.
+func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	n, err := io.Copy(c.ResponseWriter, r)
+	c.n += n
+	return n, err
+}
+
 func (c *countingWriter) Write(b []byte) (int, error) {
 	n, err := c.ResponseWriter.Write(b)
 	c.n += int64(n)

@@ -45,6 +45,7 @@ type Region struct {
 	j        *journal
 	err      error // sticky: metadata could not be made durable
 	closed   bool
+	readOnly bool // OpenReadOnly: no journal, data opened read-only
 }
 
 // Open opens or creates the region in dir.
@@ -301,6 +302,15 @@ func (r *Region) usable() error {
 
 // Close syncs and releases the region.
 func (r *Region) Close() error {
+	if r.readOnly {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.closed {
+			return nil
+		}
+		r.closed = true
+		return r.data.Close()
+	}
 	err := r.Sync()
 	r.syncSerial.Lock()
 	defer r.syncSerial.Unlock()

@@ -223,6 +223,16 @@ func randomOps(t *testing.T, seed int64, nops int, roots [2]string) {
 		if errnoOf(errs[0]) != errnoOf(errs[1]) {
 			t.Fatalf("seed %d op %d %s: rootfs %v, plain %v", seed, i, desc, errs[0], errs[1])
 		}
+		if os.Getenv("DUPSNAP_DEBUG_OPS") != "" {
+			t.Logf("op %d %s: %v %v", i, desc, errs[0], errs[1])
+			for _, q := range paths {
+				x, _ := os.Lstat(filepath.Join(roots[0], q))
+				y, _ := os.Lstat(filepath.Join(roots[1], q))
+				if x != nil && y != nil && x.Size() != y.Size() && x.Mode().IsRegular() {
+					t.Fatalf("seed %d op %d %s: size of %s %d vs %d", seed, i, desc, q, x.Size(), y.Size())
+				}
+			}
+		}
 	}
 }
 

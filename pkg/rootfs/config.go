@@ -26,6 +26,31 @@ type Config struct {
 	StateDir     string          `json:"state_dir"`     // writable state of an active snapshot; "" for a read-only view
 	ReadOnly     bool            `json:"read_only"`     // views: every write fails with EROFS
 	Debug        bool            `json:"debug"`
+
+	// Writable state (active snapshots only). The container's file data
+	// lives in a pkg/cow region under StateDir/region.
+	//
+	// MaxSize caps the region (the snapshot's quota, label
+	// containerd.io/snapshot/max-size); past it writes fail with ENOSPC
+	// and statfs inside the rootfs reports it. 0: no cap.
+	MaxSize int64 `json:"max_size,omitempty"`
+	// Reserve is preallocated when the region is created (0: min(64 MiB,
+	// MaxSize)); the region grows on demand up to MaxSize.
+	Reserve int64 `json:"reserve,omitempty"`
+	// BlockSize is the CoW unit of a new region (0: 4 KiB).
+	BlockSize int `json:"block_size,omitempty"`
+	// PlainNewFiles stores files the container creates as plain upper
+	// files with passthrough instead of region extents (measurement knob:
+	// such files bypass the quota and Usage).
+	PlainNewFiles bool `json:"plain_new_files,omitempty"`
+}
+
+// regionDir holds the cow region of an active snapshot.
+func (c *Config) regionDir() string {
+	if c.StateDir == "" {
+		return ""
+	}
+	return filepath.Join(c.StateDir, "region")
 }
 
 // Files next to the mountpoint: Stop and Alive only get the mountpoint, so

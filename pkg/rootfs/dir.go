@@ -18,6 +18,7 @@ type dirHandle struct {
 	ents []fuse.DirEntry
 	pos  int
 	up   string // upper dir path, for fsyncdir ("" if none)
+	r    *rootFS
 }
 
 var (
@@ -52,7 +53,7 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 	for i := range all {
 		all[i].Off = uint64(i + 1)
 	}
-	h := &dirHandle{ents: all}
+	h := &dirHandle{ents: all, r: n.r}
 	var fl uint32
 	if es.up {
 		h.up = n.r.upperPath(n.path())
@@ -131,7 +132,14 @@ func (h *dirHandle) Seekdir(ctx context.Context, off uint64) syscall.Errno {
 	return 0
 }
 
+// Fsyncdir also commits the region: syncfs(2) and Changes (fsync of the
+// mount root) reach the server this way.
 func (h *dirHandle) Fsyncdir(ctx context.Context, flags uint32) syscall.Errno {
+	if h.r.region != nil {
+		if err := h.r.region.Sync(); err != nil {
+			return toErrno(err)
+		}
+	}
 	if h.up == "" {
 		return 0
 	}

@@ -19,6 +19,7 @@ type fileHandle struct {
 	data dataFile // upper content
 	up   bool
 	ino  uint64
+	pt   *node // counted in pt.pt while open (passthrough to obj)
 }
 
 var (
@@ -52,6 +53,11 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		if !es.up {
 			return n.openLower(&es)
 		}
+		if n.r.region != nil && es.st.Mode&syscall.S_IFMT == syscall.S_IFREG {
+			if _, ok := readCowRef(n.r.upperPath(n.path())); ok {
+				return n.openCow(n.r.upperPath(n.path()), flags)
+			}
+		}
 	}
 	n.r.mu.Lock()
 	defer n.r.mu.Unlock()
@@ -66,7 +72,16 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			return nil, 0, toErrno(err)
 		}
 	}
-	d, err := n.r.data.Open(n.r.upperPath(p))
+	if n.r.region != nil {
+		if _, ok := readCowRef(n.r.upperPath(p)); ok {
+			h, fl, errno := n.openCow(n.r.upperPath(p), flags)
+			if errno == 0 && !es.up {
+				h.(*cowHandle).ci.nsDirty.Store(true) // copied up just now
+			}
+			return h, fl, errno
+		}
+	}
+	d, err := os.OpenFile(n.r.upperPath(p), os.O_RDWR, 0)
 	if err != nil {
 		return nil, 0, toErrno(err)
 	}
@@ -91,6 +106,8 @@ func (n *node) openLower(es *entryState) (fs.FileHandle, uint32, syscall.Errno) 
 			return nil, 0, syscall.EIO
 		}
 		h.obj = f
+		h.pt = n
+		n.pt.Add(1)
 	}
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
@@ -142,6 +159,9 @@ func (h *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 func (h *fileHandle) Release(ctx context.Context) syscall.Errno {
 	if h.obj != nil {
 		h.obj.Close()
+	}
+	if h.pt != nil {
+		h.pt.pt.Add(-1)
 	}
 	if h.data != nil {
 		h.data.Close()

@@ -1,6 +1,7 @@
 package rootfs
 
 import (
+	"errors"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -46,6 +47,9 @@ type rootFS struct {
 
 	tmpSeq   uint64
 	dirNames sync.Map // *layout.Node -> []string, sorted child names
+
+	cowState           // region of an active snapshot (region nil for views)
+	plainNew      bool // Config.PlainNewFiles
 }
 
 func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
@@ -63,6 +67,11 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 		r.statfs = cfg.StateDir
 	}
 	r.data = overlayData{cas: c}
+	if cfg.StateDir != "" && !cfg.ReadOnly {
+		r.data = cowData{}
+		r.open = map[uint64]*cowInode{}
+		r.plainNew = cfg.PlainNewFiles
+	}
 	r.indexLinks(tree.Root, "")
 	return r
 }
@@ -306,5 +315,27 @@ func toErrno(err error) syscall.Errno {
 	if err == nil {
 		return 0
 	}
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		return e
+	}
 	return fsErrno(err)
+}
+
+// cowSize is the size of the upper file at up (lstat st) if its data is in
+// the region: from the open state, else from the region's table.
+func (r *rootFS) cowSize(up string, st *syscall.Stat_t) (int64, bool) {
+	ref, ok := readCowRef(up)
+	if !ok {
+		return 0, false
+	}
+	if ci := r.liveCow(ref.id); ci != nil {
+		ci.touch()
+		syscall.Lstat(up, st) // touch changed mtime
+		return ci.f.Size(), true
+	}
+	if f, err := r.region.File(ref.id); err == nil {
+		return f.Size(), true
+	}
+	return ref.baseSize, true // not created yet: the base as is
 }

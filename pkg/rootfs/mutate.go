@@ -131,13 +131,29 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if err != nil {
 		return nil, nil, 0, toErrno(err)
 	}
+	inRegion := n.r.region != nil && !n.r.plainNew
+	if inRegion {
+		err = n.r.data.CopyUpData(ctx, f, &layout.Entry{})
+	}
 	f.Close()
+	if err != nil {
+		os.Remove(up)
+		return nil, nil, 0, toErrno(err)
+	}
 	ch, errno := n.created(ctx, &d, dp, name, mode, out)
 	if errno != 0 {
 		os.Remove(up)
 		return nil, nil, 0, errno
 	}
-	data, err := n.r.data.Open(up)
+	if inRegion {
+		h, _, errno := ch.Operations().(*node).openCow(up, 0)
+		if errno != 0 {
+			return nil, nil, 0, errno
+		}
+		h.(*cowHandle).ci.nsDirty.Store(true)
+		return ch, h, 0, 0
+	}
+	data, err := os.OpenFile(up, os.O_RDWR, 0)
 	if err != nil {
 		return nil, nil, 0, toErrno(err)
 	}
@@ -226,7 +242,11 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 		return nil, toErrno(err)
 	}
 	ino := t.StableAttr().Ino
-	upperAttr(&st, ino, &out.Attr)
+	if size, ok := n.r.cowSize(up, &st); ok && n.r.region != nil {
+		cowAttr(&st, size, ino, &out.Attr)
+	} else {
+		upperAttr(&st, ino, &out.Attr)
+	}
 	return n.NewInode(ctx, &node{r: n.r, lower: t.lower}, t.StableAttr()), 0
 }
 
@@ -263,6 +283,7 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 		}
 	}
 	if c.up {
+		ref, isCow := n.r.cowRefOf(&c, p)
 		var err error
 		if dir {
 			err = os.RemoveAll(n.r.upperPath(p)) // holds whiteouts at most
@@ -274,6 +295,9 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 		}
 		if c.st.Nlink <= 1 || dir {
 			delete(n.r.copyup, c.st.Ino)
+		}
+		if isCow && c.st.Nlink <= 1 {
+			n.r.dropped(ref)
 		}
 	}
 	if lowerBelow(&d, d.lower, name) {
@@ -369,8 +393,16 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 	if _, err := n.r.removeWhiteout(dp); err != nil {
 		return toErrno(err)
 	}
+	var dref cowRef
+	dropDst := false
+	if dst.up && !dst.isDir() && dst.st.Nlink <= 1 {
+		dref, dropDst = n.r.cowRefOf(&dst, dp)
+	}
 	if err := os.Rename(n.r.upperPath(sp), n.r.upperPath(dp)); err != nil {
 		return toErrno(err)
+	}
+	if dropDst {
+		n.r.dropped(dref)
 	}
 	if src.isDir() && lowerBelow(&dd, dd.lower, newName) && !isOpaque(n.r.upperPath(dp)) {
 		if err := setOpaque(n.r.upperPath(dp)); err != nil {
@@ -456,7 +488,9 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 	}
 	if sz, ok := in.GetSize(); ok {
 		var err error
-		if fh, ok := f.(*fileHandle); ok && fh.data != nil {
+		if _, isCow := readCowRef(up); isCow && n.r.region != nil {
+			err = n.r.truncateCow(up, int64(sz))
+		} else if fh, ok := f.(*fileHandle); ok && fh.data != nil {
 			err = fh.data.Truncate(int64(sz))
 		} else {
 			err = os.Truncate(up, int64(sz))
@@ -479,11 +513,11 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 			return toErrno(err)
 		}
 	}
-	var st syscall.Stat_t
-	if err := syscall.Lstat(up, &st); err != nil {
-		return toErrno(err)
+	es, errno = n.state()
+	if errno != 0 {
+		return errno
 	}
-	upperAttr(&st, n.StableAttr().Ino, &out.Attr)
+	n.attr(n.path(), &es, &out.Attr)
 	return 0
 }
 
@@ -533,7 +567,10 @@ func (n *node) prepWriteAny(ctx context.Context) (string, syscall.Errno) {
 
 // Fsync without a handle (fsync on a dir, or by the kernel): sync the dir.
 func (n *node) Fsync(ctx context.Context, f fs.FileHandle, flags uint32) syscall.Errno {
-	if fh, ok := f.(*fileHandle); ok {
+	switch fh := f.(type) {
+	case *fileHandle:
+		return fh.Fsync(ctx, flags)
+	case *cowHandle:
 		return fh.Fsync(ctx, flags)
 	}
 	return 0

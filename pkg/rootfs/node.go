@@ -3,6 +3,7 @@ package rootfs
 import (
 	"context"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -22,6 +23,9 @@ type node struct {
 	// lower is the image inode this node came from (nil for new files).
 	// It applies only while no upper entry shadows the node's path.
 	lower *layout.Node
+	// pt counts open passthrough handles of the clean image file (a later
+	// region open must then be direct I/O, see openCow).
+	pt atomic.Int32
 }
 
 var (
@@ -47,8 +51,14 @@ func (n *node) state() (entryState, syscall.Errno) {
 	return es, errno
 }
 
-// attr fills a from state es of n.
-func (n *node) attr(es *entryState, a *fuse.Attr) {
+// attr fills a from state es of n, at path p.
+func (n *node) attr(p string, es *entryState, a *fuse.Attr) {
+	if es.up && es.st.Mode&syscall.S_IFMT == syscall.S_IFREG && n.r.region != nil {
+		if size, ok := n.r.cowSize(n.r.upperPath(p), &es.st); ok {
+			cowAttr(&es.st, size, n.StableAttr().Ino, a)
+			return
+		}
+	}
 	if es.up {
 		upperAttr(&es.st, n.StableAttr().Ino, a)
 		if es.lower != nil {
@@ -90,7 +100,7 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 	}
 	ch := n.r.newNode(n.EmbeddedInode(), ctx, &c, lower)
 	chn := ch.Operations().(*node)
-	chn.attr(&c, &out.Attr)
+	chn.attr(join(dp, name), &c, &out.Attr)
 	out.Attr.Ino = ch.StableAttr().Ino
 	return ch, 0
 }
@@ -99,13 +109,16 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 	if fh, ok := f.(*fileHandle); ok && fh.up {
 		return fh.Getattr(ctx, out)
 	}
+	if ch, ok := f.(*cowHandle); ok {
+		return ch.Getattr(ctx, out)
+	}
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
 	es, errno := n.state()
 	if errno != 0 {
 		return errno
 	}
-	n.attr(&es, &out.Attr)
+	n.attr(n.path(), &es, &out.Attr)
 	return 0
 }
 
@@ -131,7 +144,9 @@ func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 }
 
 // internalXattr hides the overlay format's own attributes from the container.
-func internalXattr(name string) bool { return strings.HasPrefix(name, "trusted.overlay.") }
+func internalXattr(name string) bool {
+	return strings.HasPrefix(name, "trusted.overlay.") || strings.HasPrefix(name, "trusted.dupsnap.")
+}
 
 func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
 	if internalXattr(attr) {
@@ -193,6 +208,20 @@ func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errn
 }
 
 func (n *node) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	if n.r.region != nil {
+		s, err := n.r.region.Statfs()
+		if err != nil {
+			return toErrno(err)
+		}
+		out.Bsize, out.Frsize = s.BlockSize, s.BlockSize
+		out.Blocks, out.Bfree, out.Bavail = s.Blocks, s.Free, s.Free
+		out.NameLen = 255
+		var st syscall.Statfs_t
+		if syscall.Statfs(n.r.statfs, &st) == nil {
+			out.Files, out.Ffree = st.Files, st.Ffree
+		}
+		return 0
+	}
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(n.r.statfs, &st); err != nil {
 		return toErrno(err)

@@ -83,8 +83,16 @@ func TestStartStopProcess(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(mp, "etc/passwd")); err != nil || string(b) != "root:x:0:0\n" {
 		t.Fatalf("read through subprocess: %q %v", b, err)
 	}
-	if err := os.WriteFile(filepath.Join(mp, "etc/new"), []byte("kept"), 0o644); err != nil {
+	// Only fsync'd writes must survive a kill -9 (the region commits its
+	// metadata at fsync or every syncInterval).
+	if f, err := os.Create(filepath.Join(mp, "etc/new")); err != nil {
 		t.Fatal(err)
+	} else {
+		f.WriteString("kept")
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
 	}
 	// kill -9: the mount stays but is dead; Alive says so, Stop cleans up.
 	syscall.Kill(pid, syscall.SIGKILL)

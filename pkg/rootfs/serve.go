@@ -112,6 +112,9 @@ func mountOptions(cfg Config) *fs.Options {
 	return o
 }
 
+// syncInterval bounds how long an unsynced write may stay only in memory.
+const syncInterval = 2 * time.Second
+
 // Serve mounts and serves in this process until ctx is done or the fs is
 // unmounted.
 func Serve(ctx context.Context, cfg Config) error {
@@ -126,6 +129,21 @@ func Serve(ctx context.Context, cfg Config) error {
 	r := newRootFS(tree, store, cfg)
 	if err := prepareState(ctx, r); err != nil {
 		return err
+	}
+	if r.upper != "" && !cfg.ReadOnly {
+		reg, err := openRegion(ctx, cfg, r.upper)
+		if err != nil {
+			return err
+		}
+		r.region = reg
+		defer func() {
+			if err := reg.Close(); err != nil {
+				log.G(ctx).WithError(err).Warn("rootfs: close region")
+			}
+		}()
+		sctx, scancel := context.WithCancel(context.Background())
+		defer scancel()
+		go r.syncLoop(sctx, syncInterval)
 	}
 	root := &node{r: r, lower: tree.Root}
 	opts := mountOptions(cfg)

@@ -1,0 +1,136 @@
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"io"
+	"syscall"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
+)
+
+// cowHandle is an open file whose data lives in the region: every read
+// and write goes through the daemon. It deliberately does not implement
+// fs.FilePassthroughFder: go-fuse hands an inode's existing backing file
+// (the read-only CAS object of an earlier clean open) to every later open
+// that implements it, and writes through that would fail with EBADF.
+type cowHandle struct {
+	r  *rootFS
+	ci *cowInode
+	n  *node
+}
+
+var (
+	_ = (fs.FileReader)((*cowHandle)(nil))
+	_ = (fs.FileWriter)((*cowHandle)(nil))
+	_ = (fs.FileFsyncer)((*cowHandle)(nil))
+	_ = (fs.FileFlusher)((*cowHandle)(nil))
+	_ = (fs.FileReleaser)((*cowHandle)(nil))
+	_ = (fs.FileGetattrer)((*cowHandle)(nil))
+	_ = (fs.FileLseeker)((*cowHandle)(nil))
+	_ = (fs.FileAllocater)((*cowHandle)(nil))
+)
+
+// openCow opens the region file of the upper file at up for node n.
+func (n *node) openCow(up string, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	ci, err := n.r.acquire(up)
+	if err != nil {
+		logErr(context.Background(), "open region file", up, err)
+		return nil, 0, toErrno(err)
+	}
+	if flags&syscall.O_TRUNC != 0 {
+		if err := ci.f.Truncate(0); err != nil {
+			n.r.release(ci)
+			return nil, 0, toErrno(err)
+		}
+		ci.dirty.Store(true)
+	}
+	var fl uint32
+	if n.pt.Load() > 0 {
+		// A clean open of this inode is still passthrough to the CAS
+		// object: the kernel refuses a page-cached open next to it
+		// (ETXTBSY), direct I/O is allowed. That reader keeps seeing the
+		// old content until it reopens.
+		fl = fuse.FOPEN_DIRECT_IO
+	}
+	return &cowHandle{r: n.r, ci: ci, n: n}, fl, 0
+}
+
+func (h *cowHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	k, err := h.ci.f.ReadAt(dest, off, h.ci.base)
+	if err != nil && !errors.Is(err, io.EOF) {
+		return nil, toErrno(err)
+	}
+	return fuse.ReadResultData(dest[:k]), 0
+}
+
+func (h *cowHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {
+	k, err := h.ci.f.WriteAt(data, off, h.ci.base)
+	if k > 0 {
+		h.ci.dirty.Store(true)
+	}
+	if err != nil && k == 0 {
+		return 0, toErrno(err)
+	}
+	return uint32(k), 0
+}
+
+func (h *cowHandle) Flush(ctx context.Context) syscall.Errno {
+	h.ci.touch()
+	return 0
+}
+
+func (h *cowHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
+	return toErrno(h.r.syncCow(h.ci))
+}
+
+func (h *cowHandle) Release(ctx context.Context) syscall.Errno {
+	h.r.release(h.ci)
+	return 0
+}
+
+func (h *cowHandle) Getattr(ctx context.Context, out *fuse.AttrOut) syscall.Errno {
+	h.ci.touch()
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(h.ci.meta.Fd()), &st); err != nil {
+		return toErrno(err)
+	}
+	cowAttr(&st, h.ci.f.Size(), h.n.StableAttr().Ino, &out.Attr)
+	return 0
+}
+
+// cowAttr is the attr of a region file: metadata from the placeholder,
+// size from the region.
+func cowAttr(st *syscall.Stat_t, size int64, ino uint64, a *fuse.Attr) {
+	upperAttr(st, ino, a)
+	a.Size = uint64(size)
+	a.Blocks = (a.Size + 511) / 512
+	a.Blksize = 4096
+}
+
+func (h *cowHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
+	size := uint64(h.ci.f.Size())
+	switch whence {
+	case unix.SEEK_DATA:
+		if off >= size {
+			return 0, syscall.ENXIO
+		}
+		return off, 0
+	case unix.SEEK_HOLE:
+		if off >= size {
+			return 0, syscall.ENXIO
+		}
+		return size, 0
+	}
+	return 0, syscall.EINVAL
+}
+
+func (h *cowHandle) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {
+	err := h.ci.f.Fallocate(mode, int64(off), int64(size), h.ci.base)
+	if err == nil {
+		h.ci.dirty.Store(true)
+	}
+	return toErrno(err)
+}

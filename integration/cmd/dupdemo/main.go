@@ -104,7 +104,7 @@ func demo(ctx context.Context, t *stack.T, top string, images, imageMB int) {
 	}
 
 	step("starting dupsnap and a private containerd (overlayfs + dupsnap)")
-	n := stack.StartNode(ctx, t, filepath.Join(top, "node"), rt)
+	n := stack.StartNode(ctx, t, filepath.Join(top, "node"), rt, true)
 	if n.D == nil {
 		t.Fatalf("dupsnap did not start: %s", n.DupErr)
 	}

@@ -31,9 +31,11 @@ type Node struct {
 	rt       *RegTier
 }
 
-// StartNode starts dupsnap (offloading to the tier's dupproxy when `dupsnap
-// serve` has --proxy) and containerd under dir.
-func StartNode(ctx context.Context, t *T, dir string, rt *RegTier) *Node {
+// StartNode starts dupsnap and containerd under dir. With offload, dupsnap
+// gets the tier's dupproxy as --proxy (when `dupsnap serve` has the flag)
+// and its pulls go through dupproxy as the registry's mirror; without, it
+// pulls straight from the registry like overlayfs (ordinary unpack).
+func StartNode(ctx context.Context, t *T, dir string, rt *RegTier, offload bool) *Node {
 	n := &Node{Dir: dir, rt: rt}
 	// Registered first, so it runs last: whatever containerd and dupsnap
 	// left (shims, rootfs servers, mounts) goes with the dir.
@@ -46,7 +48,7 @@ func StartNode(ctx context.Context, t *T, dir string, rt *RegTier) *Node {
 		Check(t, os.MkdirAll(filepath.Join(dir, d), 0o755), "node dir")
 	}
 	var args []string
-	if rt.ProxyUp() {
+	if offload && rt.ProxyUp() {
 		if help, _ := harness.Run(ctx, 20*time.Second, nil, harness.DupsnapBin(), "serve", "--help"); strings.Contains(help, "-proxy") {
 			args = append(args, "--proxy", "http://"+rt.ProxyFwd.Addr)
 			n.Offload = true
@@ -61,7 +63,7 @@ func StartNode(ctx context.Context, t *T, dir string, rt *RegTier) *Node {
 		o.DupsnapSocket, o.DupsnapRoot = n.D.Socket, n.D.Root
 	}
 	n.C = harness.StartContainerd(ctx, t, filepath.Join(dir, "ctrd"), o)
-	if rt.ProxyFwd != nil {
+	if offload && rt.ProxyFwd != nil {
 		n.HostsDir = filepath.Join(dir, "hosts")
 		hd := filepath.Join(n.HostsDir, rt.RegFwd.Addr)
 		Check(t, os.MkdirAll(hd, 0o755), "hosts dir")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# make bench: builds the benchmark harness and its in-container helper and
+# runs every benchmark of issues 2-6 next to its baseline; the report goes
+# to bench/results/. Flags go to the program, e.g.
+#   make bench BENCH_FLAGS="--images 8 --reps 5"
+# (--images, --image-mb, --reps, --big-mb, --small-files, --large-mb, --writes, --store-mb; --help lists them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "make bench needs root (private containerd, mounts, FUSE): run it with sudo" >&2
+  exit 2
+fi
+command -v runc >/dev/null || [ -x /usr/sbin/runc ] || { echo "==> installing runc"; apt-get install -y runc >/dev/null; }
+export DUPSNAP_BIN="$PWD/bin/dupsnap" DUPPROXY_BIN="$PWD/bin/dupproxy" DUPSNAP_TOOLS="$PWD/_tools/bin"
+mkdir -p bin
+echo "==> building the benchmark harness"
+CGO_ENABLED=0 go build -o bin/benchreport ./integration/cmd/benchreport
+CGO_ENABLED=0 go build -o bin/inctr ./integration/cmd/benchreport/inctr
+exec ./bin/benchreport --inctr bin/inctr "$@"

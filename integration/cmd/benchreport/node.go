@@ -1,0 +1,322 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/dupsnap/dupsnap/integration/harness/stack"
+)
+
+// nodeParams are what the node benchmarks need from main.
+type nodeParams struct {
+	set     []*stack.Image
+	bench   *stack.Image // set[0] plus the big file and inctr
+	bigPath string
+	reps    int
+	small   int // files created by the create benchmark
+	largeMB int
+	writes  int // random 4 KiB writes
+}
+
+// Row names shared by the node benchmarks and the plots.
+const (
+	pull3  = "pull+unpack time, image set (no offload)"
+	disk3  = "node disk after pulling (dupsnap root vs overlayfs snapshots)"
+	seqF   = "sequential read, image files under /usr (warm)"
+	seqB   = "sequential read, large image file (warm)"
+	randB  = "random 4 KiB read, large image file (warm)"
+	stat3  = "lstat walk of /usr (warm)"
+	start3 = "container start+exit time (ctr run --rm)"
+	ow4    = "4 KiB overwrite in the middle of the large file: time to first write"
+	owDisk = "4 KiB overwrite: extra disk used"
+	rw4    = "random 4 KiB writes over the large file, copy-up included"
+	crt4   = "create many small files and one large file"
+	modSeq = "sequential read of the partly modified large file"
+	modRnd = "random 4 KiB read of the partly modified large file"
+	rss4   = "RSS of one idle rootfs server"
+	pull6  = "pull time, image set (dupsnap+dupproxy offload vs overlayfs+registry)"
+	wire6  = "bytes over the wire, image set"
+	disk6  = "node disk incl. content store, image set"
+)
+
+// pullSteps keeps the per-image disk curve of the first repetition, for the plot.
+var pullSteps = map[string][]stack.PullStep{}
+
+func benchNodes(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, top string, p nodeParams) {
+	for rep := 0; rep < p.reps; rep++ {
+		err := stack.Do(t, fmt.Sprintf("rep%d", rep+1), func(t *stack.T) { nodeRep(ctx, t, rs, rt, filepath.Join(top, fmt.Sprintf("r%d", rep+1)), p, rep) })
+		if err != nil {
+			t.Logf("  rep %d: %v", rep+1, err)
+			rs.NA(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), "rep failed: "+firstLine(err.Error()))
+		}
+		if ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, dir string, p nodeParams, rep int) {
+	logf := t.Logf
+	order := []string{"overlayfs", "dupsnap"}
+	if rep%2 == 1 {
+		order = []string{"dupsnap", "overlayfs"}
+	}
+	logf("==> rep %d: node with overlayfs and dupsnap (offload through dupproxy)", rep+1)
+	n := stack.StartNode(ctx, t, dir+"a", rt, true)
+	if n.D == nil {
+		for _, name := range []string{pull6, wire6, disk6} {
+			rs.NA(6, name, "", "", nil, "dupsnap not running: "+n.DupErr)
+		}
+	}
+	res := map[string]stack.PullResult{}
+	for _, sn := range order {
+		if sn == "dupsnap" && n.D == nil {
+			continue
+		}
+		res[sn] = n.PullAll(ctx, sn, p.set, logf)
+		if res[sn].Err != "" {
+			logf("  %s: %s", sn, res[sn].Err)
+		}
+		if rep == 0 {
+			pullSteps[sn+" (offload)"] = res[sn].Steps
+		}
+	}
+	ovl, dup := res["overlayfs"], res["dupsnap"]
+	if ovl.Err != "" {
+		t.Fatalf("overlayfs pull failed: %s", ovl.Err)
+	}
+	if n.D != nil {
+		if dup.Err != "" {
+			for _, name := range []string{pull6, wire6, disk6} {
+				rs.NA(6, name, "", "", nil, dup.Err)
+			}
+		} else {
+			note := ""
+			if !n.Offload {
+				note = "offload not available (dupsnap serve has no --proxy): ordinary unpack through dupproxy"
+			}
+			rs.Add(6, pull6, "s", "overlayfs from the plain registry", ratioGoal("<=", 0.5), dup.Time.Seconds(), ovl.Time.Seconds())
+			rs.Add(6, wire6, "MiB", "compressed blobs (overlayfs pull)", ratioGoal("<=", 0.7), mib(dup.Wire), mib(ovl.Wire))
+			rs.Add(6, disk6, "MiB", "overlayfs snapshots + content store", ratioGoal("<=", 0.5), mib(dup.Disk()), mib(ovl.Disk()))
+			if note != "" {
+				rs.Note(6, pull6, note)
+			}
+		}
+	}
+	// Container benchmarks on the bench image.
+	for _, sn := range order {
+		if sn == "dupsnap" && n.D == nil {
+			continue
+		}
+		if _, err := n.Pull(ctx, sn, p.bench); err != nil {
+			t.Fatalf("%s: pull bench image: %v", sn, err)
+		}
+	}
+	out := map[string]map[string]float64{}
+	for _, sn := range order {
+		if sn == "dupsnap" && n.D == nil {
+			continue
+		}
+		out[sn] = containerBenches(ctx, t, n, sn, p, rep)
+	}
+	o, d := out["overlayfs"], out["dupsnap"]
+	addBoth := func(issue int, name, unit string, goal func(*Result), key string) {
+		if d == nil {
+			rs.NA(issue, name, unit, "overlayfs", goal, "dupsnap not running: "+n.DupErr)
+			return
+		}
+		dv, okd := d[key]
+		ov, oko := o[key]
+		if !okd || !oko {
+			rs.NA(issue, name, unit, "overlayfs", goal, "not measured: "+errOf(d, o))
+			return
+		}
+		rs.Add(issue, name, unit, "overlayfs", goal, dv, ov)
+	}
+	addBoth(3, seqF, "MB/s", ratioGoal(">=", 0.95), "seq_files_mbps")
+	addBoth(3, seqB, "MB/s", ratioGoal(">=", 0.95), "seq_big_mbps")
+	addBoth(3, randB, "MB/s", ratioGoal(">=", 0.9), "rand_big_mbps")
+	addBoth(3, stat3, "files/s", ratioGoal(">=", 0.7), "stat_rate")
+	addBoth(3, start3, "s", ratioGoal("<=", 1.2), "start_s")
+	addBoth(4, ow4, "ms", ratioGoal("<=", 0.02), "first_write_ms")
+	addBoth(4, owDisk, "MiB", nil, "overwrite_extra_mib")
+	addBoth(4, rw4, "writes/s", ratioGoal(">=", 1.0), "randwrite_iops")
+	addBoth(4, crt4, "MB/s", ratioGoal(">=", 0.8), "create_mbps")
+	addBoth(4, modSeq, "MB/s", ratioGoal(">=", 0.8), "mod_seq_mbps")
+	addBoth(4, modRnd, "MB/s", ratioGoal(">=", 0.8), "mod_rand_mbps")
+	if d != nil {
+		if v, ok := d["rss_mib"]; ok {
+			rs.Add(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), v, -1)
+		} else {
+			rs.NA(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), "no rootfs server process found")
+		}
+	}
+	rs.Note(4, ow4, "goal: >= 50x faster than overlayfs copy-up")
+	rs.Note(4, owDisk, "goal: <= 1 MiB for dupsnap (overlayfs copies the whole file up); du of the snapshotter's storage before/after")
+	t.Close() // node a down before node b: one node's load at a time
+
+	logf("==> rep %d: node with dupsnap pulling straight from the registry (ordinary unpack)", rep+1)
+	n2 := stack.StartNode(ctx, t, dir+"b", rt, false)
+	if n2.D == nil {
+		rs.NA(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), "dupsnap not running: "+n2.DupErr)
+		rs.NA(3, disk3, "MiB", "overlayfs snapshot dirs", ratioGoal("<=", 0.6), "dupsnap not running: "+n2.DupErr)
+		return
+	}
+	plain := n2.PullAll(ctx, "dupsnap", p.set, logf)
+	if plain.Err != "" {
+		rs.NA(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), plain.Err)
+		rs.NA(3, disk3, "MiB", "overlayfs snapshot dirs", ratioGoal("<=", 0.6), plain.Err)
+		return
+	}
+	if rep == 0 {
+		pullSteps["dupsnap (no offload)"] = plain.Steps
+	}
+	rs.Add(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), plain.Time.Seconds(), ovl.Time.Seconds())
+	rs.Add(3, disk3, "MiB", "overlayfs snapshot dirs", ratioGoal("<=", 0.6), mib(plain.SnapDisk), mib(ovl.SnapDisk))
+}
+
+func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+func errOf(ms ...map[string]float64) string {
+	for _, m := range ms {
+		if m != nil {
+			if _, ok := m["error"]; ok {
+				return "a container benchmark failed (see log)"
+			}
+		}
+	}
+	return "see log"
+}
+
+// containerBenches runs the in-container measurements on one snapshotter.
+// A failing step is logged and leaves its keys out.
+func containerBenches(ctx context.Context, t *stack.T, n *stack.Node, sn string, p nodeParams, rep int) map[string]float64 {
+	res := map[string]float64{}
+	id := func(s string) string { return fmt.Sprintf("b%d-%s-%s", rep, stack.NS(sn), s) }
+	tool := "/bench/inctr"
+	run := func(name string, keep bool, args ...string) map[string]float64 {
+		var out string
+		var err error
+		if keep {
+			out, err = n.RunKeep(ctx, sn, p.bench, id(name), 5*time.Minute, append([]string{tool}, args...)...)
+		} else {
+			out, err = n.Run(ctx, sn, p.bench, id(name), 5*time.Minute, append([]string{tool}, args...)...)
+		}
+		if err != nil {
+			t.Logf("  %s %s: %v", sn, name, firstLine(err.Error()))
+			res["error"] = 1
+			return nil
+		}
+		m := map[string]float64{}
+		i := strings.Index(out, "{")
+		if i < 0 || json.Unmarshal([]byte(strings.TrimSpace(out[i:])), &m) != nil {
+			t.Logf("  %s %s: unexpected output %q", sn, name, out)
+			res["error"] = 1
+			return nil
+		}
+		return m
+	}
+	// Start time: the whole ctr run --rm of a no-op, median of 3.
+	var starts []float64
+	for i := 0; i < 3; i++ {
+		t0 := time.Now()
+		if _, err := n.Run(ctx, sn, p.bench, id(fmt.Sprint("start", i)), 2*time.Minute, tool, "true"); err != nil {
+			t.Logf("  %s start: %v", sn, firstLine(err.Error()))
+			break
+		}
+		starts = append(starts, time.Since(t0).Seconds())
+	}
+	if len(starts) > 0 {
+		res["start_s"] = median(starts)
+	}
+	if m := run("reads", false, "reads", p.bigPath, "/usr"); m != nil {
+		for k, v := range m {
+			res[k] = v
+		}
+		if m["stat_s"] > 0 {
+			res["stat_rate"] = m["stat_files"] / m["stat_s"]
+		}
+	}
+	before := n.SnapshotDisk(sn)
+	if m := run("overwrite", true, "overwrite", p.bigPath); m != nil {
+		res["first_write_ms"] = m["first_write_s"] * 1e3
+		res["overwrite_extra_mib"] = mib(n.SnapshotDisk(sn) - before)
+	}
+	if err := n.Remove(ctx, sn, id("overwrite")); err != nil {
+		t.Logf("  %s: remove overwrite container: %v", sn, firstLine(err.Error()))
+	}
+	if m := run("randwrite", false, "randwrite", p.bigPath, fmt.Sprint(p.writes)); m != nil {
+		for k, v := range m {
+			res[k] = v
+		}
+	}
+	if m := run("create", false, "create", "/root/out", fmt.Sprint(p.small), fmt.Sprint(p.largeMB)); m != nil {
+		res["create_mbps"] = float64(int64(p.small)*4096+int64(p.largeMB)<<20) / 1e6 / m["create_s"]
+	}
+	if sn == "dupsnap" {
+		if v := idleRSS(ctx, t, n, sn, p.bench, id("idle")); v > 0 {
+			res["rss_mib"] = v
+		}
+	}
+	t.Logf("  %-9s in-container: %s", sn, summary(res))
+	return res
+}
+
+// idleRSS starts a sleeping container and reads the RSS of the rootfs
+// server process that appeared for it.
+func idleRSS(ctx context.Context, t *stack.T, n *stack.Node, sn string, im *stack.Image, id string) float64 {
+	old := map[int]bool{}
+	for _, pid := range n.RootfsPids() {
+		old[pid] = true
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := n.Run(ctx, sn, im, id, time.Minute, "/bench/inctr", "sleep", "4")
+		done <- err
+	}()
+	var rss float64
+	deadline := time.After(3500 * time.Millisecond)
+	time.Sleep(1500 * time.Millisecond) // started and idle
+loop:
+	for {
+		for _, pid := range n.RootfsPids() {
+			if !old[pid] {
+				rss = max(rss, mib(stack.RSS(pid)))
+			}
+		}
+		if rss > 0 {
+			break
+		}
+		select {
+		case <-deadline:
+			break loop
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	if err := <-done; err != nil {
+		t.Logf("  idle container: %v", firstLine(err.Error()))
+	}
+	return rss
+}
+
+func summary(m map[string]float64) string {
+	keys := []string{"start_s", "seq_files_mbps", "seq_big_mbps", "rand_big_mbps", "stat_rate", "first_write_ms", "overwrite_extra_mib", "randwrite_iops", "create_mbps", "mod_seq_mbps", "mod_rand_mbps", "rss_mib"}
+	var b strings.Builder
+	for _, k := range keys {
+		if v, ok := m[k]; ok {
+			fmt.Fprintf(&b, "%s=%.3g ", k, v)
+		}
+	}
+	return b.String()
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i]
+	}
+	return s
+}

@@ -1,0 +1,104 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/dupsnap/dupsnap/integration/harness"
+	"github.com/dupsnap/dupsnap/integration/harness/stack"
+	"github.com/dupsnap/dupsnap/pkg/cas"
+	"github.com/dupsnap/dupsnap/pkg/layout"
+)
+
+// benchStore is issue 2: ingest of an uncompressed layer made of this
+// machine's files against sha256 over the same bytes, in the same run, and
+// export from a warm store. Stores go under dir (not /tmp).
+func benchStore(ctx context.Context, rs *Results, dir string, layerMB, reps int, logf func(string, ...any)) error {
+	files, err := harness.HostFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/lib"}, 1<<20, 32<<20, int64(layerMB)<<20)
+	if err != nil {
+		return err
+	}
+	l, err := harness.Layer(files)
+	if err != nil {
+		return err
+	}
+	rc, err := l.Uncompressed()
+	if err != nil {
+		return err
+	}
+	tarb, err := io.ReadAll(rc)
+	rc.Close()
+	if err != nil {
+		return err
+	}
+	size := float64(len(tarb)) / 1e6
+	logf("  layer: %d files, %s uncompressed tar", len(files), stack.MiB(int64(len(tarb))))
+	const hashName, ing, ingNS, exp = "sha256 over the same bytes", "ingest MB/s (uncompressed layer, durable CAS)", "ingest MB/s (uncompressed layer, no_sync CAS)", "export MB/s (warm store)"
+	for rep := 0; rep < reps; rep++ {
+		t0 := time.Now()
+		sha256.Sum256(tarb)
+		hashRate := size / time.Since(t0).Seconds()
+		for _, nosync := range []bool{false, true} {
+			root, err := os.MkdirTemp(dir, "store-")
+			if err != nil {
+				return err
+			}
+			c, err := cas.Open(filepath.Join(root, "cas"), cas.Options{NoSync: nosync})
+			if err != nil {
+				return err
+			}
+			t0 = time.Now()
+			b := c.NewBatch()
+			m, err := layout.Ingest(ctx, b, bytes.NewReader(tarb), layout.IngestOptions{})
+			if err == nil {
+				err = b.Commit(ctx)
+			}
+			d := time.Since(t0)
+			if err != nil {
+				c.Close()
+				os.RemoveAll(root)
+				return fmt.Errorf("ingest: %w", err)
+			}
+			name := ing
+			if nosync {
+				name = ingNS
+			}
+			rs.Add(2, name, "MB/s", hashName, ratioGoal(">=", 0.5), size/d.Seconds(), hashRate)
+			if nosync {
+				if err := layout.Export(ctx, c, m, io.Discard); err != nil { // warm
+					c.Close()
+					os.RemoveAll(root)
+					return fmt.Errorf("export: %w", err)
+				}
+				t0 = time.Now()
+				err = layout.Export(ctx, c, m, io.Discard)
+				d = time.Since(t0)
+				if err != nil {
+					c.Close()
+					os.RemoveAll(root)
+					return fmt.Errorf("export: %w", err)
+				}
+				rs.Add(2, exp, "MB/s", "", absGoal(">=", 1000, "MB/s"), float64(m.Size)/1e6/d.Seconds(), -1)
+			}
+			c.Close()
+			os.RemoveAll(root)
+		}
+		logf("  rep %d: sha256 %.0f MB/s, ingest %.0f MB/s (durable) / %.0f MB/s (no_sync), export %.0f MB/s", rep+1, hashRate,
+			last(rs, 2, ing), last(rs, 2, ingNS), last(rs, 2, exp))
+	}
+	return nil
+}
+
+func last(rs *Results, issue int, name string) float64 {
+	r := rs.byKey[fmt.Sprintf("%d/%s", issue, name)]
+	if r == nil || len(r.Samples) == 0 {
+		return 0
+	}
+	return r.Samples[len(r.Samples)-1]
+}

@@ -27,6 +27,12 @@ func (s *Server) getBlob(w http.ResponseWriter, r *http.Request, rc *reqCtx, d d
 		return s.offline(err, codeBlobUnknown)
 	}
 	defer f.Close()
+	if link.Size < 0 {
+		// Fetched through this repository: it may serve the blob from now on.
+		if err := s.putJSON(ctx, rc.repo+"/_blobs/"+digestKey(d), blobLink{}); err != nil {
+			return err
+		}
+	}
 	h := w.Header()
 	h.Set("Content-Type", "application/octet-stream")
 	h.Set("Docker-Content-Digest", d.String())

@@ -3,10 +3,13 @@ package integration
 import (
 	"context"
 	"fmt"
+	"io"
 	"math/rand"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -54,6 +57,11 @@ func newOffloadEnv(ctx context.Context, t *testing.T) *offloadEnv {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
+			if keep := os.Getenv("DUPSNAP_KEEP_LOG"); keep != "" {
+				if b, err := os.ReadFile(e.d.LogFile); err == nil {
+					os.WriteFile(keep, b, 0o644)
+				}
+			}
 			t.Log(e.d.Tail())
 			t.Log(harness.LogTail(e.px.LogFile, 20))
 			t.Log(harness.LogTail(e.c.LogFile, 20))
@@ -184,8 +192,20 @@ func TestOffloadPull(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Warm dupproxy (the registry tier has the layers; the node does not):
+	// fetch the images' blobs through it once.
+	for _, x := range []struct {
+		repo string
+		img  v1.Image
+	}{{"off/one", ti.img1}, {"off/two", ti.img2}} {
+		if os.Getenv("DUPSNAP_OFFLOAD_COLD") != "" {
+			break // measure with a cold registry tier
+		}
+		warmProxy(ctx, t, e.px.URL, e.reg.Host, x.repo, x.img)
+	}
 	t1 := e.pull(ctx, t, ref1)
 	t2 := e.pull(ctx, t, ref2)
+	dupDisk := diskUsage(e.d.Root) + diskUsage(filepath.Join(e.c.Dir, "root", "io.containerd.content.v1.content"))
 	for _, img := range []v1.Image{ti.img1, ti.img2} {
 		if has, _ := e.contentHas(ctx, t, img); has != 0 {
 			t.Errorf("containerd's content store holds %d layer blobs of an offloaded image", has)
@@ -226,6 +246,24 @@ func TestOffloadPull(t *testing.T) {
 	}
 	e.verifyRun(ctx, t, ref1, "off1")
 	e.verifyRun(ctx, t, ref2, "off2")
+
+	// The same two images with overlayfs straight from the registry, in
+	// another namespace (content is fetched again): time and node disk.
+	contentBefore := diskUsage(filepath.Join(e.c.Dir, "root", "io.containerd.content.v1.content"))
+	var tOvl time.Duration
+	for _, ref := range []string{ref1, ref2} {
+		start := time.Now()
+		out, err := harness.Run(ctx, 2*time.Minute, nil, filepath.Join(harness.ToolsDir(), "ctr"), "--address", e.c.Address,
+			"--namespace", "ovl", "image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+		if err != nil {
+			t.Fatalf("overlayfs pull: %v\n%s", err, out)
+		}
+		tOvl += time.Since(start)
+	}
+	ovlDisk := diskUsage(filepath.Join(e.c.Dir, "root", "io.containerd.snapshotter.v1.overlayfs")) +
+		diskUsage(filepath.Join(e.c.Dir, "root", "io.containerd.content.v1.content")) - contentBefore
+	t.Logf("NUMBERS pull time dupsnap+dupproxy %v vs overlayfs+registry %v (%.2fx); wire %d vs compressed blobs %d (%.2fx); node disk %d vs %d (%.2fx)",
+		t1+t2, tOvl, float64(t1+t2)/float64(tOvl), seen, blobs, float64(seen)/float64(blobs), dupDisk, ovlDisk, float64(dupDisk)/float64(ovlDisk))
 
 	// As nerdctl pulls: containerd Go client, plain WithPullSnapshotter,
 	// no label wrapper; the repository is found in containerd's content store.
@@ -278,4 +316,56 @@ func TestOffloadPull(t *testing.T) {
 	e.pull(ctx, t, ref9)
 	t.Logf("pull with dupproxy down: %v", time.Since(start))
 	e.verifyRun(ctx, t, ref9, "down")
+}
+
+// warmProxy GETs an image's manifest and layer blobs through dupproxy, as a
+// first node pulling through it would (dupproxy ingests them).
+func warmProxy(ctx context.Context, t *testing.T, proxyURL, regHost, repo string, img v1.Image) {
+	t.Helper()
+	get := func(p string, accept string) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, proxyURL+"/v2/"+repo+p+"?ns="+regHost, nil)
+		if accept != "" {
+			req.Header.Set("Accept", accept)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("warm %s%s: %s", repo, p, resp.Status)
+		}
+	}
+	d, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mt, _ := img.MediaType()
+	get("/manifests/"+d.String(), string(mt))
+	ls, _ := img.Layers()
+	for _, l := range ls {
+		ld, _ := l.Digest()
+		get("/blobs/"+ld.String(), "")
+	}
+}
+
+// diskUsage is the allocated size of the files under dir (hardlinks once).
+func diskUsage(dir string) int64 {
+	var n int64
+	seen := map[uint64]bool{}
+	filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err != nil {
+			return nil
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			if seen[st.Ino] {
+				return nil
+			}
+			seen[st.Ino] = true
+			n += st.Blocks * 512
+		}
+		return nil
+	})
+	return n
 }

@@ -20,7 +20,7 @@ import (
 // machine's files against sha256 over the same bytes, in the same run, and
 // export from a warm store. Stores go under dir (not /tmp).
 func benchStore(ctx context.Context, rs *Results, dir string, layerMB, reps int, logf func(string, ...any)) error {
-	files, err := harness.HostFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/lib"}, 1<<20, 32<<20, int64(layerMB)<<20)
+	files, err := stack.PickFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/lib"}, 32<<20, int64(layerMB)<<20)
 	if err != nil {
 		return err
 	}

@@ -58,8 +58,7 @@ func BuildSet(o SetOptions, logf func(string, ...any)) ([]*Image, error) {
 		baseSet[f.Path] = true
 	}
 	want := chunk*int64(pairs) + uniq*int64(o.Images)
-	pool, err := harness.HostFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/usr/lib", "/usr/libexec"},
-		1<<20, 8<<20, want)
+	pool, err := PickFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/usr/libexec"}, 8<<20, want)
 	if err != nil {
 		return nil, err
 	}
@@ -220,4 +219,41 @@ func MiB(n int64) string { return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20)) }
 func (im *Image) Short() string {
 	s := strings.TrimPrefix(im.Repo, "demo/")
 	return strings.TrimSuffix(s, ":v1")
+}
+
+// PickFiles is like harness.HostFiles but skips files that would overrun
+// maxBytes instead of stopping there, so that one large file early in the
+// walk does not leave the set nearly empty; it stops once 95% is reached.
+func PickFiles(dirs []string, maxSize, maxBytes int64) ([]harness.File, error) {
+	var out []harness.File
+	var total int64
+	seen := map[string]bool{}
+	for _, d := range dirs {
+		if total >= maxBytes*95/100 {
+			break
+		}
+		fs, err := harness.HostFiles([]string{d}, 1<<20, maxSize, 1<<62)
+		if err != nil {
+			continue
+		}
+		for _, f := range fs {
+			if seen[f.Path] {
+				continue
+			}
+			sz := f.Size()
+			if total+sz > maxBytes {
+				continue
+			}
+			seen[f.Path] = true
+			out = append(out, f)
+			total += sz
+			if total >= maxBytes*95/100 {
+				break
+			}
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no host files found under %v", dirs)
+	}
+	return out, nil
 }

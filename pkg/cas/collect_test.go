@@ -102,8 +102,8 @@ func TestCollectWaitsForLease(t *testing.T) {
 		t.Fatal(err)
 	}
 	none := func(digest.Digest) bool { return false }
-	tryCollect := func() (int, error) {
-		c, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	tryCollect := func(timeout time.Duration) (int, error) {
+		c, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		n, _, err := s.Collect(c, none, 0)
 		return n, err
@@ -112,7 +112,7 @@ func TestCollectWaitsForLease(t *testing.T) {
 	ready := filepath.Join(t.TempDir(), "ready")
 	child := helperProcess(t, "lease", dir, "CAS_READY="+ready)
 	waitFile(t, ready, 20*time.Second)
-	if _, err := tryCollect(); !errors.Is(err, context.DeadlineExceeded) {
+	if _, err := tryCollect(300 * time.Millisecond); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("collect with a foreign lease held: %v", err)
 	}
 	if !s.Has(d) {
@@ -126,13 +126,13 @@ func TestCollectWaitsForLease(t *testing.T) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { _, err := tryCollect(); done <- err }()
+	go func() { _, err := tryCollect(300 * time.Millisecond); done <- err }()
 	if err := <-done; !errors.Is(err, context.DeadlineExceeded) || !s.Has(d) {
 		t.Fatalf("collect with own lease held: %v", err)
 	}
 	release()
 	release() // idempotent
-	if n, err := tryCollect(); err != nil || n != 1 || s.Has(d) {
+	if n, err := tryCollect(30 * time.Second); err != nil || n != 1 || s.Has(d) {
 		t.Fatalf("collect after release: %d %v", n, err)
 	}
 }

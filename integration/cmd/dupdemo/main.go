@@ -99,6 +99,7 @@ func demo(ctx context.Context, t *stack.T, top string, images, imageMB int) {
 		if err := rt.Warm(ctx, set); err != nil {
 			t.Logf("  dupproxy warm-up failed (%v): dupsnap pulls will fall back to the registry", err)
 		} else {
+			rt.WaitSettled(ctx, 2*time.Minute)
 			t.Logf("  dupproxy fetched and deduplicated every image once in %.1fs (a mirror does this once for all nodes)", time.Since(t0).Seconds())
 		}
 	}

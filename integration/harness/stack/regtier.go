@@ -210,3 +210,25 @@ func firstLine(s string) string {
 	}
 	return s
 }
+
+// WaitSettled waits (up to timeout) until dupproxy has finished its
+// background recipe detection for every layer it ingested: until then a
+// layer's compressed blob is still kept beside its files, and store bytes
+// or restore numbers would measure a transient state. It counts the
+// outcomes in dupproxy's log, which is all a client can see of it.
+func (r *RegTier) WaitSettled(ctx context.Context, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for {
+		b, _ := os.ReadFile(filepath.Join(r.Dir, "dupproxy.log"))
+		s := string(b)
+		ingested := strings.Count(s, `msg="layer ingested"`)
+		settled := strings.Count(s, "restorable by recipe") + strings.Count(s, "no recipe reproduces") + strings.Count(s, "recipe detection failed")
+		if settled >= ingested {
+			return true
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -150,7 +150,7 @@ func randomOps(t *testing.T, seed int64, nops int, roots [2]string) {
 		if len(paths) == 0 {
 			return
 		}
-		op := rng.Intn(14)
+		op := rng.Intn(21)
 		a, b := pick(), newName()
 		if rng.Intn(3) == 0 {
 			b = pick()
@@ -159,6 +159,15 @@ func randomOps(t *testing.T, seed int64, nops int, roots [2]string) {
 		data := make([]byte, 1+rng.Intn(9000))
 		rng.Read(data)
 		mode := uint32(rng.Intn(0o1000))
+		bigName := "big"
+		for _, q := range paths {
+			if fi, err := os.Lstat(filepath.Join(roots[1], q)); err == nil && fi.Mode().IsRegular() && fi.Size() >= 100000 {
+				bigName = q
+				if rng.Intn(2) == 0 {
+					break
+				}
+			}
+		}
 		var desc string
 		var errs [2]error
 		for k, root := range roots {
@@ -218,6 +227,49 @@ func randomOps(t *testing.T, seed int64, nops int, roots [2]string) {
 			case 13:
 				desc = "setxattr " + a
 				errs[k] = unix.Lsetxattr(pa, "user.t", data[:8], 0)
+			case 14:
+				// pwrite deep into a big image file (block CoW, not copy-up)
+				desc = "pwrite-big " + bigName
+				errs[k] = pwriteFile(filepath.Join(root, bigName), data, off%320000)
+			case 15:
+				desc = fmt.Sprintf("truncate-extend %s %d", a, off)
+				errs[k] = os.Truncate(pa, off/4)
+				if errs[k] == nil {
+					errs[k] = os.Truncate(pa, off)
+				}
+			case 16:
+				desc = fmt.Sprintf("fallocate %s mode %d", a, mode%3)
+				errs[k] = fallocFile(pa, []uint32{0, unix.FALLOC_FL_KEEP_SIZE, unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE}[mode%3], off%200000, int64(len(data)))
+			case 17:
+				desc = "mmap-write " + a
+				errs[k] = mmapWrite(pa, data, off)
+			case 18:
+				desc = "otrunc-write " + a
+				f, err := os.OpenFile(pa, os.O_WRONLY|os.O_TRUNC|syscall.O_NONBLOCK, 0)
+				if err == nil {
+					_, err = f.Write(data)
+					f.Close()
+				}
+				errs[k] = err
+			case 19:
+				// hardlink, then write through the new name, then unlink the old
+				desc = "link-write-unlink " + a + " " + b
+				err := os.Link(pa, pb)
+				if err == nil {
+					err = pwriteFile(pb, data, off%5000)
+				}
+				if err == nil {
+					err = syscall.Unlink(pa)
+				}
+				errs[k] = err
+			case 20:
+				// modify, then rename over another name
+				desc = "write-rename " + a + " " + b
+				err := pwriteFile(pa, data, off%5000)
+				if err == nil {
+					err = syscall.Rename(pa, pb)
+				}
+				errs[k] = err
 			}
 		}
 		if errnoOf(errs[0]) != errnoOf(errs[1]) {
@@ -234,6 +286,49 @@ func randomOps(t *testing.T, seed int64, nops int, roots [2]string) {
 			}
 		}
 	}
+}
+
+func pwriteFile(p string, data []byte, off int64) error {
+	f, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.WriteAt(data, off)
+	return err
+}
+
+func fallocFile(p string, mode uint32, off, n int64) error {
+	f, err := os.OpenFile(p, os.O_WRONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return unix.Fallocate(int(f.Fd()), mode, off, n)
+}
+
+// mmapWrite writes data through a MAP_SHARED mapping of regular file p
+// (inside its current size) and msyncs it.
+func mmapWrite(p string, data []byte, off int64) error {
+	f, err := os.OpenFile(p, os.O_RDWR|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if !fi.Mode().IsRegular() || fi.Size() == 0 {
+		return nil
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		return err
+	}
+	defer unix.Munmap(m)
+	copy(m[off%int64(len(m)):], data)
+	return unix.Msync(m, unix.MS_SYNC)
 }
 
 func TestActiveDifferential(t *testing.T) {

@@ -83,9 +83,9 @@ func newCowID() uint64 {
 
 // cowData is the block CoW write layer: copy-up is metadata only (a
 // placeholder naming its base object); data goes to the region.
-type cowData struct{}
+type cowData struct{ r *rootFS }
 
-func (cowData) CopyUpData(ctx context.Context, dst *os.File, e *layout.Entry) error {
+func (c cowData) CopyUpData(ctx context.Context, dst *os.File, e *layout.Entry) error {
 	ref := cowRef{id: newCowID()}
 	if e.Size > 0 {
 		ref.base, ref.baseSize = e.Digest, e.Size
@@ -93,6 +93,9 @@ func (cowData) CopyUpData(ctx context.Context, dst *os.File, e *layout.Entry) er
 	if err := unix.Fsetxattr(int(dst.Fd()), cowXattr, []byte(ref.String()), 0); err != nil {
 		return fmt.Errorf("mark %s as region file: %w", dst.Name(), err)
 	}
+	c.r.cowMu.Lock()
+	c.r.fresh[ref.id] = struct{}{}
+	c.r.cowMu.Unlock()
 	return nil
 }
 
@@ -122,6 +125,9 @@ type cowState struct {
 	region *cow.Region
 	cowMu  sync.Mutex
 	open   map[uint64]*cowInode
+	// fresh: ids whose upper names were created since they were last
+	// opened; their first fsync also fsyncs the upper dirs.
+	fresh map[uint64]struct{}
 }
 
 // acquire returns the open state of the region file of the upper file at
@@ -139,6 +145,10 @@ func (r *rootFS) acquire(up string) (*cowInode, error) {
 	}
 	ci := &cowInode{ref: ref, refs: 1}
 	ci.upath.Store(&up)
+	if _, ok := r.fresh[ref.id]; ok {
+		ci.nsDirty.Store(true)
+		delete(r.fresh, ref.id)
+	}
 	f, err := r.region.File(ref.id)
 	if errors.Is(err, cow.ErrNotExist) {
 		// Never written (or the create was not synced): start from the base.
@@ -176,6 +186,9 @@ func (r *rootFS) release(ci *cowInode) {
 		return
 	}
 	delete(r.open, ci.ref.id)
+	if ci.nsDirty.Load() {
+		r.fresh[ci.ref.id] = struct{}{} // not fsync'd yet: keep the reminder
+	}
 	if ci.unlinked {
 		if err := r.region.Remove(ci.ref.id); err != nil && !errors.Is(err, cow.ErrNotExist) {
 			logErr(context.Background(), "remove region file", *ci.upath.Load(), err)

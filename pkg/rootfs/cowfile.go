@@ -47,15 +47,7 @@ func (n *node) openCow(up string, flags uint32) (fs.FileHandle, uint32, syscall.
 		}
 		ci.dirty.Store(true)
 	}
-	var fl uint32
-	if n.pt.Load() > 0 {
-		// A clean open of this inode is still passthrough to the CAS
-		// object: the kernel refuses a page-cached open next to it
-		// (ETXTBSY), direct I/O is allowed. That reader keeps seeing the
-		// old content until it reopens.
-		fl = fuse.FOPEN_DIRECT_IO
-	}
-	return &cowHandle{r: n.r, ci: ci, n: n}, fl, 0
+	return &cowHandle{r: n.r, ci: ci, n: n}, 0, 0
 }
 
 func (h *cowHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {

@@ -53,6 +53,11 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		if !es.up {
 			return n.openLower(&es)
 		}
+		if n.pt.Load() > 0 {
+			n.r.mu.Lock()
+			defer n.r.mu.Unlock()
+			return nil, 0, n.newIdentity(&es.st)
+		}
 		if n.r.region != nil && es.st.Mode&syscall.S_IFMT == syscall.S_IFREG {
 			if _, ok := readCowRef(n.r.upperPath(n.path())); ok {
 				return n.openCow(n.r.upperPath(n.path()), flags)
@@ -72,13 +77,16 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			return nil, 0, toErrno(err)
 		}
 	}
+	if n.pt.Load() > 0 {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(n.r.upperPath(p), &st); err != nil {
+			return nil, 0, toErrno(err)
+		}
+		return nil, 0, n.newIdentity(&st)
+	}
 	if n.r.region != nil {
 		if _, ok := readCowRef(n.r.upperPath(p)); ok {
-			h, fl, errno := n.openCow(n.r.upperPath(p), flags)
-			if errno == 0 && !es.up {
-				h.(*cowHandle).ci.nsDirty.Store(true) // copied up just now
-			}
-			return h, fl, errno
+			return n.openCow(n.r.upperPath(p), flags)
 		}
 	}
 	d, err := os.OpenFile(n.r.upperPath(p), os.O_RDWR, 0)
@@ -92,6 +100,18 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		}
 	}
 	return &fileHandle{data: d, up: true, ino: n.StableAttr().Ino}, 0, 0
+}
+
+// newIdentity handles an open of a modified file whose kernel inode still
+// has passthrough opens of its clean CAS object. The kernel wants every
+// open of such an inode to be passthrough to that same backing file (a
+// writable one would write into the CAS object), so the modified file gets
+// a new inode number and the open fails with ESTALE: the VFS then retries
+// it once with a fresh lookup, which finds the new inode. Readers already
+// open keep reading the old content, as they would after a rename-over.
+func (n *node) newIdentity(st *syscall.Stat_t) syscall.Errno {
+	delete(n.r.copyup, st.Ino) // caller holds r.mu (write)
+	return syscall.ESTALE
 }
 
 // openLower opens a clean image file: the kernel reads its CAS object

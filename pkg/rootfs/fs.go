@@ -48,8 +48,8 @@ type rootFS struct {
 	tmpSeq   uint64
 	dirNames sync.Map // *layout.Node -> []string, sorted child names
 
-	cowState           // region of an active snapshot (region nil for views)
-	plainNew      bool // Config.PlainNewFiles
+	cowState      // region of an active snapshot (region nil for views)
+	plainNew bool // Config.PlainNewFiles
 }
 
 func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
@@ -68,8 +68,9 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 	}
 	r.data = overlayData{cas: c}
 	if cfg.StateDir != "" && !cfg.ReadOnly {
-		r.data = cowData{}
+		r.data = cowData{r: r}
 		r.open = map[uint64]*cowInode{}
+		r.fresh = map[uint64]struct{}{}
 		r.plainNew = cfg.PlainNewFiles
 	}
 	r.indexLinks(tree.Root, "")

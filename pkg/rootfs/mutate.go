@@ -150,7 +150,6 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		if errno != 0 {
 			return nil, nil, 0, errno
 		}
-		h.(*cowHandle).ci.nsDirty.Store(true)
 		return ch, h, 0, 0
 	}
 	data, err := os.OpenFile(up, os.O_RDWR, 0)

@@ -302,7 +302,7 @@ func (b *Batch) Commit(ctx context.Context) error {
 	s := b.s
 	objs := b.order
 	if s.opts.NoSync {
-		return s.installAll(objs)
+		return s.installAll(objs, false)
 	}
 	strat := b.strat
 	if strat == syncAuto {
@@ -320,7 +320,7 @@ func (b *Batch) Commit(ctx context.Context) error {
 			if err := s.syncfs(); err != nil {
 				return err
 			}
-			if err := s.installAll(objs); err != nil {
+			if err := s.installAll(objs, false); err != nil {
 				return err
 			}
 		}
@@ -333,7 +333,13 @@ func (b *Batch) Commit(ctx context.Context) error {
 				return err
 			}
 		}
-		if err := s.installAll(objs); err != nil {
+		if err := s.installAll(objs, true); err != nil {
+			return err
+		}
+		// A linked O_TMPFILE inode's new link count is in the inode, not
+		// in the directory: sync it too (without a journal, the directory
+		// fsync alone would not write it).
+		if err := s.syncLinked(objs); err != nil {
 			return err
 		}
 		shards := b.hits
@@ -410,6 +416,21 @@ func (s *Store) syncTemps(objs []*tempObj) error {
 	})
 }
 
+func (s *Store) syncLinked(objs []*tempObj) error {
+	return parallel(len(objs), func(i int) error {
+		t := objs[i]
+		if t.fd < 0 {
+			return nil
+		}
+		err := unix.Fsync(t.fd)
+		s.releaseFd(t)
+		if err != nil {
+			return fmt.Errorf("cas: fsync %s: %w", t.hex, err)
+		}
+		return nil
+	})
+}
+
 func (s *Store) syncShards(shards map[string]struct{}) error {
 	list := make([]string, 0, len(shards))
 	for sh := range shards {
@@ -428,9 +449,9 @@ func (s *Store) syncShards(shards map[string]struct{}) error {
 	})
 }
 
-func (s *Store) installAll(objs []*tempObj) error {
+func (s *Store) installAll(objs []*tempObj, keepFds bool) error {
 	for _, t := range objs {
-		if err := s.install(t); err != nil {
+		if err := s.install(t, keepFds); err != nil {
 			return err
 		}
 	}

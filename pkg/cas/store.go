@@ -79,8 +79,8 @@ func Open(root string, opts Options) (*Store, error) {
 	s.fixMode = umask()&objectMode != 0
 	s.maxAnon = 512
 	var rl unix.Rlimit
-	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur/2 > 512 {
-		s.maxAnon = int64(min(rl.Cur/2, 1<<20))
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &rl) == nil && rl.Cur/4 > 512 {
+		s.maxAnon = int64(min(rl.Cur/4, 1<<16))
 	}
 	if err := s.openFds(); err != nil {
 		s.Close()

@@ -443,3 +443,64 @@ func TestOpenSweepsStaleTemps(t *testing.T) {
 		t.Fatal("stale temp not swept at Open")
 	}
 }
+
+type failingReader struct {
+	r   io.Reader
+	n   int // bytes before the error
+	err error
+}
+
+func (f *failingReader) Read(p []byte) (int, error) {
+	if f.n <= 0 {
+		return 0, f.err
+	}
+	if len(p) > f.n {
+		p = p[:f.n]
+	}
+	n, err := f.r.Read(p)
+	f.n -= n
+	return n, err
+}
+
+// A reader failing mid-put (small or streamed) fails that put only; the
+// batch commits the rest and leaves no temp or descriptor behind.
+func TestPutReaderError(t *testing.T) {
+	for _, m := range tempModes {
+		t.Run(m.name, func(t *testing.T) {
+			s := openStore(t, Options{})
+			m.set(s)
+			ctx := testCtx(t)
+			boom := errors.New("boom")
+			b := s.NewBatch()
+			good, _, err := b.Put(ctx, bytes.NewReader([]byte("good")))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, n := range []int{10, 2*chunkSize + 10} {
+				data := randBytes(uint64(n), 3*chunkSize)
+				if _, _, err := b.Put(ctx, &failingReader{bytes.NewReader(data), n, boom}); !errors.Is(err, boom) {
+					t.Fatalf("put with failing reader: %v", err)
+				}
+				if _, _, err := s.Put(ctx, &failingReader{bytes.NewReader(data), n, boom}); !errors.Is(err, boom) {
+					t.Fatalf("store put with failing reader: %v", err)
+				}
+			}
+			cctx, cancel := context.WithCancel(ctx)
+			cancel()
+			if _, _, err := b.Put(cctx, bytes.NewReader([]byte("late"))); !errors.Is(err, context.Canceled) {
+				t.Fatalf("put with cancelled ctx: %v", err)
+			}
+			if err := b.Commit(ctx); err != nil {
+				t.Fatal(err)
+			}
+			n := 0
+			s.Walk(ctx, func(Info) error { n++; return nil })
+			if n != 1 || !s.Has(good) {
+				t.Fatalf("%d objects after commit, want only the good one", n)
+			}
+			if len(tmpNames(t, s)) != 0 || s.anonOpen.Load() != 0 {
+				t.Fatalf("left %d temps, %d descriptors", len(tmpNames(t, s)), s.anonOpen.Load())
+			}
+		})
+	}
+}

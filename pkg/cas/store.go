@@ -123,6 +123,10 @@ func ensureLayout(root string, nosync bool) (created bool, err error) {
 	// All 256 shard directories exist from the start, so a put never has to
 	// create (and fsync) a directory on its hot path.
 	base := filepath.Join(root, objectsDir)
+	// Shards are made in order, so "ff" existing means all do.
+	if _, err := os.Lstat(filepath.Join(base, "ff")); err == nil && !created {
+		return false, nil
+	}
 	for i := 0; i < 256; i++ {
 		p := filepath.Join(base, fmt.Sprintf("%02x", i))
 		if err := os.Mkdir(p, 0o755); err == nil {

@@ -58,7 +58,7 @@ func BuildSet(o SetOptions, logf func(string, ...any)) ([]*Image, error) {
 		baseSet[f.Path] = true
 	}
 	want := chunk*int64(pairs) + uniq*int64(o.Images)
-	pool, err := PickFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/usr/libexec"}, 8<<20, want)
+	pool, err := PickFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/usr/libexec"}, 8<<20, want+want/8)
 	if err != nil {
 		return nil, err
 	}
@@ -87,6 +87,7 @@ func BuildSet(o SetOptions, logf func(string, ...any)) ([]*Image, error) {
 	if len(cur) > 0 {
 		chunks = append(chunks, cur)
 	}
+	// Leftover files beyond the last image's share are simply not used.
 	for len(chunks) < pairs+o.Images {
 		chunks = append(chunks, nil) // host has too few files: smaller images
 	}

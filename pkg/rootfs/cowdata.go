@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -128,6 +129,10 @@ type cowState struct {
 	// fresh: ids whose upper names were created since they were last
 	// opened; their first fsync also fsyncs the upper dirs.
 	fresh map[uint64]struct{}
+	// ops counts region reads/writes since the last sync tick (idle
+	// detection for returning memory); wasBusy is syncLoop's own.
+	ops     atomic.Int64
+	wasBusy bool
 }
 
 // acquire returns the open state of the region file of the upper file at
@@ -346,6 +351,13 @@ func (r *rootFS) syncLoop(ctx context.Context, every time.Duration) {
 			if err := r.region.Sync(); err != nil {
 				logErr(ctx, "region sync", r.upper, err)
 			}
+			// After a burst of I/O (request buffers of up to MaxWrite
+			// each), hand the memory back once things are quiet.
+			busy := r.ops.Swap(0)
+			if busy == 0 && r.wasBusy {
+				debug.FreeOSMemory()
+			}
+			r.wasBusy = busy > 0
 		}
 	}
 }

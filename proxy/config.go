@@ -10,6 +10,8 @@ import (
 
 	units "github.com/docker/go-units"
 	toml "github.com/pelletier/go-toml/v2"
+
+	"github.com/dupsnap/dupsnap/proxy/s3store"
 )
 
 // Config is dupproxy's configuration (TOML, see docs/dupproxy.md). Zero
@@ -58,6 +60,20 @@ type Config struct {
 	MaxResponseBytes Size `toml:"max_response_bytes"`
 	// NoSync skips fsync in the store (tests only).
 	NoSync bool `toml:"no_sync"`
+	// Storage selects where the durable state lives (default: under Root).
+	Storage StorageConfig `toml:"storage"`
+}
+
+// StorageConfig selects the backend of the durable state.
+type StorageConfig struct {
+	// Type is "fs" (default: everything under Root) or "s3" (everything in
+	// a bucket; Root holds only the lock, the restore cache and scratch).
+	Type string         `toml:"type"`
+	S3   s3store.Config `toml:"s3"`
+	// LeaseTTL: how long an ingest's or GC's lock object in the bucket
+	// stays valid without renewal, i.e. how long a killed replica can hold
+	// up the others (default 2m).
+	LeaseTTL Duration `toml:"lease_ttl"`
 }
 
 // UpstreamConfig is one upstream registry.
@@ -156,6 +172,20 @@ func (c *Config) Normalize() error {
 	}
 	if c.MaxResponseBytes <= 0 {
 		c.MaxResponseBytes = 256 << 20
+	}
+	switch c.Storage.Type {
+	case "":
+		c.Storage.Type = "fs"
+	case "fs":
+	case "s3":
+		if c.Storage.S3.Bucket == "" {
+			return fmt.Errorf("storage.s3.bucket is required with storage type s3")
+		}
+	default:
+		return fmt.Errorf("storage.type %q: want fs or s3", c.Storage.Type)
+	}
+	if c.Storage.LeaseTTL <= 0 {
+		c.Storage.LeaseTTL = Duration(2 * time.Minute)
 	}
 	if c.Upstream == "" && len(c.Upstreams) == 0 {
 		return fmt.Errorf("no upstream configured (--upstream or upstream/upstreams in the config)")

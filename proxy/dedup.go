@@ -136,7 +136,7 @@ func (s *Server) serveLayerManifest(w http.ResponseWriter, r *http.Request, rc *
 	if err != nil {
 		return err
 	}
-	m, err := s.layouts.Get(ctx, rec.DiffID)
+	m, err := s.files.GetLayout(ctx, rec.DiffID)
 	if err != nil {
 		return fmt.Errorf("layer %s: layout manifest %s: %w", d, rec.DiffID, err)
 	}
@@ -253,7 +253,7 @@ func (s *Server) serveObjects(w http.ResponseWriter, r *http.Request, rc *reqCtx
 		if err != nil {
 			return err
 		}
-		m, err := s.layouts.Get(ctx, rec.DiffID)
+		m, err := s.files.GetLayout(ctx, rec.DiffID)
 		if err != nil {
 			return fmt.Errorf("layer %s: %w", ld, err)
 		}
@@ -312,30 +312,15 @@ func (c *byteCounter) Write(b []byte) (int, error) {
 // writeFrame sends one object; an object stored compressed goes out as its
 // stored zstd frame, unrecompressed.
 func (s *Server) writeFrame(w io.Writer, o digest.Digest) error {
-	info, err := s.cas.Stat(o)
+	rc, size, n, compressed, err := s.files.OpenStored(context.Background(), o)
 	if err != nil {
 		return err
 	}
-	var (
-		rc  io.ReadCloser
-		enc = FrameRaw
-		n   = info.Size
-	)
-	if info.Compressed {
-		f, err := os.Open(s.cas.Path(o))
-		if err != nil {
-			return err
-		}
-		fi, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return err
-		}
-		rc, enc, n = f, FrameZstd, fi.Size()
-	} else if rc, err = s.cas.Open(o); err != nil {
-		return err
-	}
 	defer rc.Close()
+	enc := FrameRaw
+	if compressed {
+		enc = FrameZstd
+	}
 	var hdr [49]byte
 	hdr[0] = enc
 	raw, err := hexDigest(o)
@@ -343,7 +328,7 @@ func (s *Server) writeFrame(w io.Writer, o digest.Digest) error {
 		return err
 	}
 	copy(hdr[1:33], raw)
-	binary.BigEndian.PutUint64(hdr[33:41], uint64(info.Size))
+	binary.BigEndian.PutUint64(hdr[33:41], uint64(size))
 	binary.BigEndian.PutUint64(hdr[41:49], uint64(n))
 	if _, err := w.Write(hdr[:]); err != nil {
 		return err

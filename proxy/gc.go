@@ -143,8 +143,11 @@ func (s *Server) relinkRepos(ctx context.Context) error {
 
 // sweep deletes what no manifest link references.
 func (s *Server) sweep(ctx context.Context, rep *GCReport) error {
-	s.gcMu.Lock()
-	defer s.gcMu.Unlock()
+	release, err := s.files.Exclusive(ctx)
+	if err != nil {
+		return fmt.Errorf("gc: %w", err)
+	}
+	defer release()
 	imgs, err := s.images(ctx)
 	if err != nil {
 		return err
@@ -192,15 +195,21 @@ func (s *Server) sweep(ctx context.Context, rep *GCReport) error {
 		s.cache.remove(rec.Digest)
 		rep.LayersDropped++
 	}
-	diffs, err := s.layouts.List(ctx)
+	// A manifest younger than grace may belong to an ingest whose layer
+	// record is not written yet (another replica's, or a crashed one).
+	var deadDiffs []digest.Digest
+	err = s.files.WalkLayouts(ctx, func(id digest.Digest, _ int64, mod time.Time) error {
+		if !keepDiff[id] && time.Since(mod) >= grace {
+			deadDiffs = append(deadDiffs, id)
+		}
+		return nil
+	})
 	if err != nil {
 		return err
 	}
-	for _, id := range diffs {
-		if !keepDiff[id] {
-			if err := s.layouts.Delete(ctx, id); err != nil {
-				return err
-			}
+	for _, id := range deadDiffs {
+		if err := s.files.DeleteLayout(ctx, id); err != nil {
+			return err
 		}
 	}
 	var dead []digest.Digest
@@ -222,7 +231,7 @@ func (s *Server) sweep(ctx context.Context, rep *GCReport) error {
 	}
 	rep.BlobsDeleted += len(dead)
 	rep.BlobBytesFreed += deadBytes
-	n, b, err := s.layouts.Collect(ctx, grace)
+	n, b, err := s.files.Collect(ctx, grace)
 	if err != nil {
 		return fmt.Errorf("collecting objects: %w", err)
 	}

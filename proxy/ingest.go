@@ -44,9 +44,12 @@ func (s *Server) ingestLayer(ctx context.Context, d digest.Digest, mediaType str
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		return nil, err
 	}
-	s.gcMu.RLock()
-	defer s.gcMu.RUnlock()
-	m, err := s.layouts.Import(ctx, f, layout.IngestOptions{})
+	release, err := s.files.Lease(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("ingesting layer %s: %w", d, err)
+	}
+	defer release()
+	m, err := s.files.Import(ctx, f)
 	if err != nil {
 		if errors.Is(err, layout.ErrInvalidLayer) {
 			s.m.ingests.WithLabelValues("rejected").Inc()
@@ -123,7 +126,7 @@ func (s *Server) recipeWorker() {
 // exportPipe streams the layer's uncompressed tar from the store.
 func (s *Server) exportPipe(ctx context.Context, m *layout.Manifest) io.ReadCloser {
 	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(layout.Export(ctx, s.cas, m, pw)) }()
+	go func() { pw.CloseWithError(layout.Export(ctx, s.files, m, pw)) }()
 	return pr
 }
 
@@ -133,7 +136,7 @@ func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 	if err != nil || !rec.Retained || rec.RecipeTried {
 		return nil
 	}
-	m, err := s.layouts.Get(ctx, rec.DiffID)
+	m, err := s.files.GetLayout(ctx, rec.DiffID)
 	if err != nil {
 		return err
 	}
@@ -170,5 +173,5 @@ func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 }
 
 func exportTo(ctx context.Context, s *Server, m *layout.Manifest, w io.Writer) error {
-	return layout.Export(ctx, s.cas, m, w)
+	return layout.Export(ctx, s.files, m, w)
 }

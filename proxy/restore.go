@@ -68,7 +68,7 @@ func (s *Server) writeLayer(ctx context.Context, rec *layerRecord, w io.Writer) 
 		_, err = io.Copy(w, f)
 		return err
 	}
-	m, err := s.layouts.Get(ctx, rec.DiffID)
+	m, err := s.files.GetLayout(ctx, rec.DiffID)
 	if err != nil {
 		return err
 	}

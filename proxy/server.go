@@ -19,31 +19,23 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
-
-	"github.com/dupsnap/dupsnap/pkg/cas"
-	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
 // errDigestMismatch: content did not hash to the digest it was named by.
 var errDigestMismatch = errors.New("digest mismatch")
 
-// Server is a dupproxy instance over one root directory.
+// Server is a dupproxy instance over one root directory (and, with an S3
+// backend, one bucket that other replicas share).
 type Server struct {
-	cfg     Config
-	ups     map[string]*upstream
-	def     *upstream
-	blobs   BlobStore
-	meta    MetaStore
-	cas     *cas.Store
-	layouts *layout.Store
-	cache   *blobCache
-	m       *metrics
-	sf      singleflight.Group
-
-	// gcMu: ingests (import -> layer record) hold it shared, the GC sweep
-	// exclusively, so a fresh layout manifest is never collected before the
-	// record that keeps it exists.
-	gcMu sync.RWMutex
+	cfg   Config
+	ups   map[string]*upstream
+	def   *upstream
+	blobs BlobStore
+	meta  MetaStore
+	files FileStore
+	cache *blobCache
+	m     *metrics
+	sf    singleflight.Group
 
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -87,18 +79,11 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 			return fail(err)
 		}
 	}
-	if s.blobs, err = newFSBlobStore(filepath.Join(cfg.Root, "blobs"), cfg.NoSync); err != nil {
+	be, err := openBackend(ctx, cfg)
+	if err != nil {
 		return fail(err)
 	}
-	if s.meta, err = newFSMetaStore(filepath.Join(cfg.Root, "meta"), cfg.NoSync); err != nil {
-		return fail(err)
-	}
-	if s.cas, err = cas.Open(filepath.Join(cfg.Root, "cas"), cas.Options{Compress: true, NoSync: cfg.NoSync}); err != nil {
-		return fail(fmt.Errorf("opening CAS: %w", err))
-	}
-	if s.layouts, err = layout.OpenStore(filepath.Join(cfg.Root, "layouts"), s.cas); err != nil {
-		return fail(fmt.Errorf("opening layout store: %w", err))
-	}
+	s.blobs, s.meta, s.files = be.Blobs, be.Meta, be.Files
 	if s.cache, err = newBlobCache(cfg.CacheDir, int64(cfg.CacheSize)); err != nil {
 		return fail(err)
 	}
@@ -162,8 +147,8 @@ func (s *Server) Close() error {
 
 func (s *Server) closeStores() error {
 	var err error
-	if s.cas != nil {
-		err = s.cas.Close()
+	if s.files != nil {
+		err = s.files.Close()
 	}
 	if s.lock != nil {
 		s.lock.Close()

@@ -2,12 +2,8 @@ package proxy
 
 import (
 	"context"
-	"io/fs"
-	"path/filepath"
-	"strings"
 	"time"
 
-	"github.com/dupsnap/dupsnap/pkg/cas"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -75,7 +71,7 @@ func (s *Server) Stats(ctx context.Context) (Stats, error) {
 	if err != nil {
 		return st, err
 	}
-	err = s.cas.Walk(ctx, func(i cas.Info) error {
+	err = s.files.WalkObjects(ctx, func(i ObjectInfo) error {
 		st.Objects++
 		st.ObjectBytes += i.Size
 		st.ObjectStored += i.Stored
@@ -84,14 +80,13 @@ func (s *Server) Stats(ctx context.Context) (Stats, error) {
 	if err != nil {
 		return st, err
 	}
-	_ = filepath.WalkDir(filepath.Join(s.cfg.Root, "layouts"), func(p string, de fs.DirEntry, err error) error {
-		if err == nil && !de.IsDir() && !strings.HasPrefix(de.Name(), ".") {
-			if fi, err := de.Info(); err == nil {
-				st.LayoutBytes += fi.Size()
-			}
-		}
+	err = s.files.WalkLayouts(ctx, func(_ digest.Digest, size int64, _ time.Time) error {
+		st.LayoutBytes += size
 		return nil
 	})
+	if err != nil {
+		return st, err
+	}
 	st.PhysicalBytes = st.ObjectStored + st.LayoutBytes + st.BlobBytes
 	st.CacheBlobs, st.CacheBytes = s.cache.usage()
 	s.m.logicalBytes.Set(float64(st.LogicalBytes))

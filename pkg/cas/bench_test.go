@@ -53,6 +53,7 @@ func BenchmarkBatchPut(b *testing.B) {
 		strat syncStrategy
 	}{
 		{"syncfs", Options{}, syncFS},
+		{"syncfs-kickall", Options{}, syncFS},
 		{"syncfs-nokick", Options{}, syncFS},
 		{"perfile", Options{}, syncPerFile},
 		{"nosync", Options{NoSync: true}, syncAuto},
@@ -84,7 +85,12 @@ func BenchmarkBatchPut(b *testing.B) {
 				b.StartTimer()
 				bt := s.NewBatch()
 				bt.strat = c.strat
-				kickWriteback = c.name != "syncfs-nokick"
+				switch c.name {
+				case "syncfs-kickall":
+					kickMode = kickAll
+				case "syncfs-nokick":
+					kickMode = kickNone
+				}
 				for _, f := range files {
 					if _, _, err := bt.Put(ctx, bytes.NewReader(f)); err != nil {
 						b.Fatal(err)
@@ -96,7 +102,7 @@ func BenchmarkBatchPut(b *testing.B) {
 				}
 				commit += time.Since(t0)
 				b.StopTimer()
-				kickWriteback = true
+				kickMode = kickStreams
 				s.Close()
 				// Stores are removed only at the end: on ext4 without a
 				// journal, inodes deleted in the last seconds are skipped

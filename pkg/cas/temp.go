@@ -69,7 +69,7 @@ func (b *Batch) create(t *tempObj, stream bool) error {
 // in the pipeline; a named temp is closed, an anonymous one stays open.
 func (b *Batch) finish(t *tempObj) error {
 	var err error
-	b.kick(t.fd)
+	b.kick(t.fd, t.logical == 0)
 	if b.single && !b.s.opts.NoSync {
 		if err = unix.Fdatasync(t.fd); err != nil {
 			err = fmt.Errorf("cas: fdatasync temp: %w", err)

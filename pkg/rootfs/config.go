@@ -3,6 +3,18 @@
 // files passed through to their CAS objects, and, for active snapshots, the
 // container's own writes kept in a state directory.
 //
+// Writable state (StateDir): the namespace and metadata of the container's
+// changes are an overlay-format upper dir (names, whiteouts, opaque dirs,
+// mode, owner, times, xattrs, hard links); file data is in a pkg/cow region
+// (StateDir/region). A modified image file's upper entry is an empty
+// placeholder whose trusted.dupsnap.cow xattr names its region file and
+// base CAS object: copy-up copies metadata only, and a write stores just
+// the touched blocks. Files the container creates are region files too
+// (quota, O(1) usage, one journal for crash consistency). fsync of a
+// region file commits the region, the placeholder and, after a copy-up or
+// create, the upper dirs naming it; the server also commits every
+// syncInterval. Clean image files stay passthrough to their CAS objects.
+//
 // One rootfs is served by one process (`dupsnap rootfs --config FILE`),
 // detached from the snapshotter daemon so that the daemon can die or be
 // upgraded without breaking running containers (see Start, Stop, Alive).

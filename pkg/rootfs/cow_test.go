@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"path/filepath"
@@ -79,6 +80,34 @@ func TestCowSmallWriteUsage(t *testing.T) {
 	}
 	if fi, _ := f.Stat(); fi.Size() != int64(len(body)) {
 		t.Fatalf("size %d", fi.Size())
+	}
+	// Commit while mounted, with an unsynced write: Changes makes the live
+	// server commit, and the layer holds the merged bytes.
+	if _, err := f.WriteAt([]byte("tail"), int64(len(body))-4); err != nil {
+		t.Fatal(err)
+	}
+	b := e.cas.NewBatch()
+	m, err := Changes(context.Background(), cfg, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	merged := []byte(body)
+	copy(merged[off:], patch)
+	copy(merged[len(merged)-4:], "tail")
+	found := false
+	for _, en := range m.Entries {
+		if en.Path == "big" {
+			found = true
+			if en.Digest != digest.FromBytes(merged) || en.Size != int64(len(merged)) {
+				t.Fatalf("committed big: %s %d, want the merged content", en.Digest, en.Size)
+			}
+		}
+	}
+	if !found || len(m.Entries) != 1 {
+		t.Fatalf("changes: %d entries, big found %v", len(m.Entries), found)
 	}
 }
 

@@ -356,6 +356,7 @@ func (r *rootFS) syncLoop(ctx context.Context, every time.Duration) {
 			busy := r.ops.Swap(0)
 			if busy == 0 && r.wasBusy {
 				debug.FreeOSMemory()
+				debug.FreeOSMemory() // sync.Pool buffers survive one GC
 			}
 			r.wasBusy = busy > 0
 		}

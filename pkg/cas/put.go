@@ -131,6 +131,7 @@ func (b *Batch) putSmall(ctx context.Context, want digest.Digest, pb *[]byte, n 
 	b.order = append(b.order, t)
 	b.mu.Unlock()
 	if err := b.send(ctx, job{kind: jobWhole, t: t, data: data, buf: pb}); err != nil {
+		b.unregister(d, t)
 		return "", 0, err
 	}
 	return d, int64(n), nil
@@ -198,9 +199,28 @@ func (b *Batch) putStream(ctx context.Context, want digest.Digest, r io.Reader, 
 		b.mu.Unlock()
 	}
 	if err := b.send(ctx, job{kind: kind, t: t}); err != nil {
+		if kind == jobKeep {
+			b.unregister(d, t)
+		}
 		return "", 0, err
 	}
 	return d, total, nil
+}
+
+// unregister takes back a temp whose job never reached the writer (ctx
+// done): Commit must not try to install it; cleanup removes its file.
+func (b *Batch) unregister(d digest.Digest, t *tempObj) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.pending[d] == t {
+		delete(b.pending, d)
+	}
+	for i := len(b.order) - 1; i >= 0; i-- {
+		if b.order[i] == t {
+			b.order = append(b.order[:i], b.order[i+1:]...)
+			break
+		}
+	}
 }
 
 // present reports whether d is already stored; if so, its shard is

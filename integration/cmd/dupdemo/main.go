@@ -24,7 +24,7 @@ func main() {
 	images := flag.Int("images", 4, "number of demo images")
 	imageMB := flag.Int("image-mb", 40, "approximate uncompressed MiB per image")
 	parent := flag.String("dir", "/var/tmp", "where the run's temp dir goes")
-	logs := flag.String("logs", "/var/tmp/dupdemo-logs", "where the components' logs are kept after the run")
+	logs := flag.String("logs", "/var/tmp/dupdemo-logs", "where the components' logs are kept if the run fails")
 	flag.Parse()
 	os.Exit(run(*images, *imageMB, *parent, *logs))
 }
@@ -56,7 +56,10 @@ func run(images, imageMB int, parent, logs string) int {
 		}
 	})
 	err = stack.Do(t, "demo", func(t *stack.T) { demo(ctx, t, top, images, imageMB) })
-	_ = stack.SaveLogs(top, logs)
+	if err != nil {
+		// Only a failed run leaves something behind: its logs, to read.
+		_ = stack.SaveLogs(top, logs)
+	}
 	fmt.Println("==> cleaning up (processes, mounts, files)")
 	t.Close()
 	if left := harness.MountsUnder(top); len(left) > 0 {
@@ -74,7 +77,7 @@ func run(images, imageMB int, parent, logs string) int {
 		}
 		return 1
 	}
-	fmt.Printf("done; component logs kept in %s\n", logs)
+	fmt.Println("done: nothing left behind")
 	return 0
 }
 

@@ -58,7 +58,7 @@ func BuildSet(o SetOptions, logf func(string, ...any)) ([]*Image, error) {
 		baseSet[f.Path] = true
 	}
 	want := chunk*int64(pairs) + uniq*int64(o.Images)
-	pool, err := PickFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/usr/libexec"}, 8<<20, want+want/8)
+	pool, err := PickFiles([]string{"/usr/lib/x86_64-linux-gnu", "/usr/share", "/usr/bin", "/usr/libexec"}, 8<<20, want)
 	if err != nil {
 		return nil, err
 	}
@@ -68,28 +68,30 @@ func BuildSet(o SetOptions, logf func(string, ...any)) ([]*Image, error) {
 			kept = append(kept, f)
 		}
 	}
-	// Cut the pool into the pairs' runtime chunks, then the unique chunks.
-	var chunks [][]harness.File
-	var cur []harness.File
-	var curBytes int64
-	limit := chunk
-	for _, f := range kept {
-		cur = append(cur, f)
-		curBytes += f.Size()
-		if curBytes >= limit {
-			chunks = append(chunks, cur)
-			cur, curBytes = nil, 0
-			if len(chunks) >= pairs {
-				limit = uniq
-			}
+	// Cut the pool into the pairs' runtime chunks, then the unique chunks
+	// (half as big), at cumulative byte boundaries scaled to what the pool
+	// holds, so that one large file's overshoot is not carried forward.
+	total := sum(kept)
+	unit := float64(total) / (float64(pairs) + float64(o.Images)/2)
+	var bounds []int64
+	acc := 0.0
+	for k := 0; k < pairs+o.Images; k++ {
+		if k < pairs {
+			acc += unit
+		} else {
+			acc += unit / 2
 		}
+		bounds = append(bounds, int64(acc))
 	}
-	if len(cur) > 0 {
-		chunks = append(chunks, cur)
-	}
-	// Leftover files beyond the last image's share are simply not used.
-	for len(chunks) < pairs+o.Images {
-		chunks = append(chunks, nil) // host has too few files: smaller images
+	chunks := make([][]harness.File, pairs+o.Images)
+	var cum int64
+	k := 0
+	for _, f := range kept {
+		for k < len(bounds)-1 && cum >= bounds[k] {
+			k++
+		}
+		chunks[k] = append(chunks[k], f)
+		cum += f.Size()
 	}
 	logf("  demo images: %d, from %d host files (%s) under /usr", o.Images, len(kept), MiB(sum(kept)))
 

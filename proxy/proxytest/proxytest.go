@@ -303,6 +303,10 @@ func (b *repoBlobs) Put(ctx context.Context, repo string, h v1.Hash, rc io.ReadC
 	return nil
 }
 
+// Storage, when set, gives every StartProxy without a storage config its
+// backend: how tests written for the local store run over S3 too.
+var Storage func(t testing.TB) proxy.StorageConfig
+
 // Proxy is a dupproxy served over HTTP for a test.
 type Proxy struct {
 	*proxy.Server
@@ -316,6 +320,9 @@ type Proxy struct {
 // to restart over an existing store) in front of cfg.Upstream.
 func StartProxy(t testing.TB, cfg proxy.Config) *Proxy {
 	t.Helper()
+	if cfg.Storage.Type == "" && Storage != nil {
+		cfg.Storage = Storage(t)
+	}
 	if cfg.Root == "" {
 		cfg.Root = t.TempDir()
 	}

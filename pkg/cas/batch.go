@@ -281,9 +281,9 @@ func (b *Batch) Abort() {
 // Durability with syncfs (big batches): temps are written without any
 // fsync. (1) syncfs(2) on the store's filesystem returns after all their
 // data and inodes are on stable storage (and, since Linux 5.8, reports
-// writeback errors). (2) Each temp is renamed (RENAME_NOREPLACE, or link(2)
-// where unsupported) to its final name: an existing object is never
-// replaced, and every final name now points at content already durable, so
+// writeback errors). (2) Each temp gets its final name - linkat(2) of the
+// O_TMPFILE inode, or rename with RENAME_NOREPLACE (link(2)+unlink where
+// unsupported) of a named temp: an existing object is never replaced, and every final name now points at content already durable, so
 // a crash from here on can lose a name but never expose a partial object.
 // (3) A second syncfs makes the new names durable before Commit returns.
 // Two journal commits per batch instead of one fdatasync per object plus

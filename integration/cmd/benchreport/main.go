@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -177,6 +178,10 @@ func bench(ctx context.Context, t *stack.T, rs *Results, rep *Report, top string
 func printSummary(r Report) {
 	fmt.Println("==> summary (value / baseline = ratio, goal, status)")
 	for _, x := range r.Results {
+		if strings.HasPrefix(x.Status, "n/a") {
+			fmt.Printf("  [%d] %-70.70s %s\n", x.Issue, x.Name, firstLine(x.Status))
+			continue
+		}
 		fmt.Printf("  [%d] %-70.70s %10s %-6s / %10s = %7s  %-9s %s\n", x.Issue, x.Name, num(x.Value), x.Unit, num(x.Baseline),
 			fmt.Sprintf("%.3gx", x.Ratio), x.Goal, x.Status)
 	}

@@ -148,7 +148,9 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 	addBoth(4, crt4, "MB/s", ratioGoal(">=", 0.8), "create_mbps")
 	addBoth(4, modSeq, "MB/s", ratioGoal(">=", 0.8), "mod_seq_mbps")
 	addBoth(4, modRnd, "MB/s", ratioGoal(">=", 0.8), "mod_rand_mbps")
-	if d != nil {
+	if d == nil {
+		rs.NA(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), "dupsnap not running: "+n.DupErr)
+	} else {
 		if v, ok := d["rss_mib"]; ok {
 			rs.Add(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), v, -1)
 		} else {

@@ -74,7 +74,7 @@ func (t *T) Fatalf(format string, args ...any) {
 	t.Fail()
 	panic(abort{msg: fmt.Sprintf(format, args...)})
 }
-func (t *T) SkipNow()       { t.skipped = true; panic(abort{msg: "skipped", skip: true}) }
+func (t *T) SkipNow() { t.skipped = true; panic(abort{msg: "skipped", skip: true}) }
 func (t *T) Skip(args ...any) {
 	t.skipped = true
 	panic(abort{msg: strings.TrimSpace(fmt.Sprintln(args...)), skip: true})

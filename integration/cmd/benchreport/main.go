@@ -22,7 +22,7 @@ import (
 )
 
 type params struct {
-	images, imageMB, reps, bigMB, small, largeMB, writes, storeMB int
+	images, imageMB, reps, bigMB, small, largeMB, writes, storeMB, usrFiles int
 	out, dir, inctr, logs                                         string
 }
 
@@ -36,6 +36,7 @@ func main() {
 	flag.IntVar(&p.largeMB, "large-mb", 64, "large file written by the create benchmark (MiB)")
 	flag.IntVar(&p.writes, "writes", 2000, "random 4 KiB writes over the large file")
 	flag.IntVar(&p.storeMB, "store-mb", 128, "size of the layer of the ingest/export benchmark (MiB)")
+	flag.IntVar(&p.usrFiles, "usr-files", 5000, "files of this machine's /usr added to the bench image (walk and read benchmarks)")
 	flag.StringVar(&p.out, "out", "bench/results", "where REPORT.md, results.json and the plots go")
 	flag.StringVar(&p.dir, "dir", "/var/tmp", "where the run's temp dir goes")
 	flag.StringVar(&p.inctr, "inctr", "bin/inctr", "the static in-container helper (built by hack/bench.sh)")
@@ -70,7 +71,7 @@ func run(p params) int {
 		}
 	})
 	rep := Report{Machine: machine(top), Params: map[string]any{"images": p.images, "image_mb": p.imageMB, "reps": p.reps, "big_mb": p.bigMB,
-		"small_files": p.small, "large_mb": p.largeMB, "writes": p.writes, "store_mb": p.storeMB}}
+		"small_files": p.small, "large_mb": p.largeMB, "writes": p.writes, "store_mb": p.storeMB, "usr_files": p.usrFiles}}
 	rs := &Results{}
 	err = stack.Do(t, "bench", func(t *stack.T) { bench(ctx, t, rs, &rep, top, p) })
 	_ = stack.SaveLogs(top, p.logs)
@@ -136,7 +137,12 @@ func bench(ctx context.Context, t *stack.T, rs *Results, rep *Report, top string
 	stack.Check(t, err, "big file layer")
 	toolLayer, err := stack.GzipLayer([]harness.File{{Path: "bench/inctr", Src: p.inctr, Mode: 0o755}, {Path: "root", Dir: true, Mode: 0o700}})
 	stack.Check(t, err, "tool layer")
-	benchImg, err := mutate.AppendLayers(set[0].Img, bigLayer, toolLayer)
+	// A /usr tree of realistic size for the walk and read benchmarks.
+	usr, err := harness.HostFiles([]string{"/usr/share", "/usr/lib"}, p.usrFiles, 256<<10, 96<<20)
+	stack.Check(t, err, "usr files")
+	usrLayer, err := stack.GzipLayer(usr)
+	stack.Check(t, err, "usr layer")
+	benchImg, err := mutate.AppendLayers(set[0].Img, usrLayer, bigLayer, toolLayer)
 	stack.Check(t, err, "bench image")
 	bench := &stack.Image{Repo: "demo/bench:v1", Img: benchImg}
 

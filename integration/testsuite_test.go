@@ -48,6 +48,7 @@ func TestSnapshotterSuite(t *testing.T) {
 			d.Kill9()
 			errU := harness.UnmountUnder(root)
 			harness.KillMentioning(root)
+			harness.ReapOrphans()
 			if tail != "" {
 				return errors.Join(errC, errU, errors.New("daemon died during the test:\n"+tail))
 			}

@@ -298,6 +298,7 @@ func CleanupDir(t testing.TB, dir string) {
 	if err := UnmountUnder(dir); err != nil {
 		t.Errorf("cleanup: %v", err)
 	}
+	ReapOrphans()
 }
 
 // TempDir is a fresh directory under /tmp that is torn down (processes,

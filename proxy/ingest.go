@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -74,8 +75,17 @@ func (s *Server) ingestLayer(ctx context.Context, d digest.Digest, mediaType str
 		rec.Retained = true
 		s.m.ingests.WithLabelValues("retained").Inc()
 	}
-	if err := s.putJSON(ctx, "layers/"+digestKey(d), rec); err != nil {
+	// Another replica may have ingested the same layer meanwhile (and even
+	// replaced its retained blob by a recipe): its record wins.
+	b, err := json.Marshal(rec)
+	if err != nil {
 		return nil, err
+	}
+	if err := s.meta.Create(ctx, "layers/"+digestKey(d), b); err != nil {
+		if errors.Is(err, errExists) {
+			return s.layerRecord(ctx, d)
+		}
+		return nil, fmt.Errorf("writing layer record %s: %w", d, err)
 	}
 	log.G(ctx).WithField("digest", d).WithField("diffID", m.DiffID).WithField("format", format).
 		WithField("entries", len(m.Entries)).WithField("took", time.Since(start)).Info("layer ingested")
@@ -140,15 +150,12 @@ func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 	if err != nil {
 		return err
 	}
-	f, size, err := s.blobs.Open(ctx, d)
+	f, size, err := s.localBlob(ctx, d)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	ra, ok := f.(io.ReaderAt)
-	if !ok {
-		return fmt.Errorf("blob store cannot read at offsets")
-	}
+	ra := f
 	start := time.Now()
 	r, err := recipe.Detect(ctx, ra, size, d, func() (io.ReadCloser, error) { return s.exportPipe(ctx, m), nil })
 	if err != nil {
@@ -174,4 +181,36 @@ func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 
 func exportTo(ctx context.Context, s *Server, m *layout.Manifest, w io.Writer) error {
 	return layout.Export(ctx, s.files, m, w)
+}
+
+// localBlob returns a retained blob as a local file for detection, which
+// reads at many offsets: the restore cache's copy when this replica fetched
+// it, else a temp copy of a remote backend's blob (unlinked: gone on close).
+func (s *Server) localBlob(ctx context.Context, d digest.Digest) (*os.File, int64, error) {
+	if f := s.cache.open(d); f != nil {
+		fi, err := f.Stat()
+		if err == nil {
+			return f, fi.Size(), nil
+		}
+		f.Close()
+	}
+	rc, size, err := s.blobs.Open(ctx, d)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer rc.Close()
+	if f, ok := rc.(*os.File); ok {
+		lf, err := os.Open(f.Name())
+		return lf, size, err
+	}
+	tmp, err := s.cache.tempFile()
+	if err != nil {
+		return nil, 0, err
+	}
+	os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, rc); err != nil {
+		tmp.Close()
+		return nil, 0, fmt.Errorf("downloading blob %s: %w", d, err)
+	}
+	return tmp, size, nil
 }

@@ -18,6 +18,9 @@ import (
 // errNotFound is returned by BlobStore and MetaStore for absent entries.
 var errNotFound = errors.New("not found")
 
+// errExists is returned by MetaStore.Create for a taken key.
+var errExists = errors.New("already exists")
+
 // BlobStore keeps whole blobs by digest: manifests, configs and the
 // compressed layers that no recipe can rebuild. Put verifies the digest.
 type BlobStore interface {
@@ -37,6 +40,9 @@ type MetaStore interface {
 	Get(ctx context.Context, key string) ([]byte, error)
 	// Put replaces the record atomically.
 	Put(ctx context.Context, key string, b []byte) error
+	// Create stores the record unless the key exists (errExists): the first
+	// of several replicas ingesting one layer decides its record.
+	Create(ctx context.Context, key string, b []byte) error
 	Delete(ctx context.Context, key string) error
 	// List returns every key under prefix (recursively), in no particular order.
 	List(ctx context.Context, prefix string) ([]string, error)

@@ -215,6 +215,39 @@ func (s *fsMetaStore) Put(_ context.Context, key string, b []byte) error {
 	return os.Rename(tmp.Name(), p)
 }
 
+func (s *fsMetaStore) Create(_ context.Context, key string, b []byte) error {
+	p, err := s.path(key)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Join(s.dir, ".tmp"), "meta-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.Write(b)
+	if err == nil && !s.noSync {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	// link(2) never replaces: exactly one creator wins.
+	if err := os.Link(tmp.Name(), p); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return errExists
+		}
+		return err
+	}
+	return nil
+}
+
 func (s *fsMetaStore) Delete(_ context.Context, key string) error {
 	p, err := s.path(key)
 	if err != nil {

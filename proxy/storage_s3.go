@@ -160,6 +160,18 @@ func (s *s3MetaStore) Put(ctx context.Context, key string, b []byte) error {
 	return s.b.Put(ctx, k, strings.NewReader(string(b)), int64(len(b)), nil, false)
 }
 
+func (s *s3MetaStore) Create(ctx context.Context, key string, b []byte) error {
+	k, err := metaKey(key)
+	if err != nil {
+		return err
+	}
+	err = s.b.Put(ctx, k, strings.NewReader(string(b)), int64(len(b)), nil, true)
+	if errors.Is(err, s3store.ErrExists) {
+		return errExists
+	}
+	return err
+}
+
 func (s *s3MetaStore) Delete(ctx context.Context, key string) error {
 	k, err := metaKey(key)
 	if err != nil {

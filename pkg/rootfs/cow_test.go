@@ -202,3 +202,83 @@ func TestCowWriteWhilePassthroughReader(t *testing.T) {
 	r.ReadAt(head, 0)
 	t.Logf("old passthrough reader sees %q", head[:8])
 }
+
+// An unlinked file stays readable and writable through its open handle;
+// its region blocks go at the last close (usage returns to zero), and a
+// hardlinked image file keeps one region file for all its names.
+func TestCowUnlinkOpenAndHardlink(t *testing.T) {
+	needRoot(t)
+	e, layers, body := bigImage(t, 1<<20)
+	cfg := activeCfg(e, layers)
+	serve(t, cfg)
+	mp := cfg.Mountpoint
+	commit := func() int64 {
+		d, err := os.Open(mp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.Sync()
+		d.Close()
+		u, _, err := Usage(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return u
+	}
+	f, err := os.Create(filepath.Join(mp, "tmpfile"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("d"), 1<<20)
+	if _, err := f.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(mp, "tmpfile")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("after"), 10); err != nil {
+		t.Fatalf("write after unlink: %v", err)
+	}
+	got := make([]byte, 8)
+	if _, err := f.ReadAt(got, 8); err != nil || string(got) != "ddafterd" {
+		t.Fatalf("read after unlink: %q %v", got, err)
+	}
+	if u := commit(); u < 1<<20 {
+		t.Fatalf("usage %d while the unlinked file is open", u)
+	}
+	f.Close()
+	if u := commit(); u != 0 {
+		t.Fatalf("usage %d after the last close of an unlinked file", u)
+	}
+
+	// hardlink an image file, write through the new name, unlink the old.
+	if err := os.Link(filepath.Join(mp, "big"), filepath.Join(mp, "big2")); err != nil {
+		t.Fatal(err)
+	}
+	if err := pwriteFile(filepath.Join(mp, "big2"), []byte("LINK"), 4096); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(mp, "big"))
+	if err != nil || string(b[4096:4100]) != "LINK" || string(b[4100:8192]) != body[4100:8192] {
+		t.Fatalf("write through one name not seen through the other: %q %v", b[4096:4100], err)
+	}
+	if err := os.Remove(filepath.Join(mp, "big")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(mp, "big2"), filepath.Join(mp, "moved")); err != nil {
+		t.Fatal(err)
+	}
+	b, err = os.ReadFile(filepath.Join(mp, "moved"))
+	if err != nil || string(b[4096:4100]) != "LINK" || len(b) != len(body) {
+		t.Fatalf("after unlink+rename: %v", err)
+	}
+	if u := commit(); u != 4096 {
+		t.Fatalf("usage %d, want one block for the hardlinked file", u)
+	}
+	if err := os.Remove(filepath.Join(mp, "moved")); err != nil {
+		t.Fatal(err)
+	}
+	if u := commit(); u != 0 {
+		t.Fatalf("usage %d after removing the last name", u)
+	}
+}

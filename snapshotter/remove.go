@@ -97,6 +97,12 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		if keep[k] {
 			continue
 		}
+		if s.youngLayer(k) {
+			// Imported by hand (dupsnap store import) or by a pull whose
+			// snapshot is not recorded yet: not garbage within the grace.
+			keep[k] = true
+			continue
+		}
 		if err := s.layers.Delete(ctx, k); err != nil {
 			log.G(ctx).WithError(err).WithField("layer", k).Warn("deleting unreferenced layer")
 			continue
@@ -120,4 +126,18 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	log.G(ctx).WithField("dirs", removedDirs).WithField("layers", removedLayers).
 		WithField("objects", n).WithField("bytes", freed).Info("cleanup done")
 	return nil
+}
+
+// youngLayer reports whether the manifest of layer k was written less than
+// the GC grace ago. It stats layout.Store's file (<dir>/sha256/<hex>); an
+// unknown age counts as young, so nothing is deleted on a doubt.
+func (s *Snapshotter) youngLayer(k digest.Digest) bool {
+	if k.Validate() != nil {
+		return false
+	}
+	st, err := os.Stat(filepath.Join(s.layers.Dir(), k.Algorithm().String(), k.Encoded()))
+	if err != nil {
+		return !os.IsNotExist(err)
+	}
+	return time.Since(st.ModTime()) < s.cfg.GCGrace
 }

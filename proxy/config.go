@@ -62,6 +62,8 @@ type Config struct {
 	NoSync bool `toml:"no_sync"`
 	// Storage selects where the durable state lives (default: under Root).
 	Storage StorageConfig `toml:"storage"`
+	// Offline: queue no background work at open (fsck must only read).
+	Offline bool `toml:"-"`
 }
 
 // StorageConfig selects the backend of the durable state.

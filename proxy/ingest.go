@@ -83,7 +83,11 @@ func (s *Server) ingestLayer(ctx context.Context, d digest.Digest, mediaType str
 	}
 	if err := s.meta.Create(ctx, "layers/"+digestKey(d), b); err != nil {
 		if errors.Is(err, errExists) {
-			return s.layerRecord(ctx, d)
+			won, err := s.layerRecord(ctx, d)
+			if err == nil && rec.Retained && !won.Retained {
+				_ = s.blobs.Delete(ctx, d) // the winner found a recipe: ours is surplus
+			}
+			return won, err
 		}
 		return nil, fmt.Errorf("writing layer record %s: %w", d, err)
 	}

@@ -91,7 +91,9 @@ func Open(ctx context.Context, cfg Config) (*Server, error) {
 	s.wg.Add(2)
 	go s.recipeWorker()
 	go s.predictWorker()
-	s.requeueRecipes(ctx)
+	if !cfg.Offline {
+		s.requeueRecipes(ctx)
+	}
 	return s, nil
 }
 

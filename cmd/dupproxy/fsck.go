@@ -37,6 +37,7 @@ give it its own --root (it only holds scratch there).`,
 			if cfg.Upstream == "" && len(cfg.Upstreams) == 0 {
 				cfg.Upstream = "http://unused.invalid" // offline command: no upstream needed
 			}
+			cfg.Offline = true
 			s, err := proxy.Open(ctx, cfg)
 			if err != nil {
 				return err

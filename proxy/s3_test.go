@@ -37,7 +37,19 @@ func TestS3Backend(t *testing.T) {
 	t.Run("KillMidIngest", func(t *testing.T) { testS3KillMidIngest(t, storage(newBucket(t))) })
 	// The local-store tests, over S3: a fresh bucket per proxy.
 	t.Run("Suites", func(t *testing.T) {
-		proxytest.Storage = func(t testing.TB) proxy.StorageConfig { return storage(newBucket(t)) }
+		// One bucket per test: a test that reopens its store gets it back.
+		var mu sync.Mutex
+		byTest := map[string]proxy.StorageConfig{}
+		proxytest.Storage = func(t testing.TB) proxy.StorageConfig {
+			mu.Lock()
+			defer mu.Unlock()
+			if st, ok := byTest[t.Name()]; ok {
+				return st
+			}
+			st := storage(newBucket(t))
+			byTest[t.Name()] = st
+			return st
+		}
 		t.Cleanup(func() { proxytest.Storage = nil })
 		t.Run("OCIConformancePull", TestOCIConformancePull)
 		t.Run("DedupAPI", TestDedupAPI)

@@ -61,6 +61,12 @@ func (s *Server) restoreOnce(ctx context.Context, rec *layerRecord) error {
 func (s *Server) writeLayer(ctx context.Context, rec *layerRecord, w io.Writer) error {
 	if rec.Retained {
 		f, _, err := s.blobs.Open(ctx, rec.Digest)
+		if isNotFound(err) {
+			// Another replica found a recipe and dropped the blob since rec was read.
+			if cur, rerr := s.layerRecord(ctx, rec.Digest); rerr == nil && !cur.Retained {
+				return s.writeLayer(ctx, cur, w)
+			}
+		}
 		if err != nil {
 			return err
 		}

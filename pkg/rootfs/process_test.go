@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -35,12 +36,13 @@ func dupsnapBin(t *testing.T) string {
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", binPath, "github.com/dupsnap/dupsnap/cmd/dupsnap")
 		out, err := cmd.CombinedOutput()
 		if err != nil {
-			binErr = err
-			binPath = string(out)
+			binErr = fmt.Errorf("%w: %s", err, out)
+			os.RemoveAll(dir)
+			binPath = ""
 		}
 	})
 	if binErr != nil {
-		t.Fatalf("build dupsnap: %v: %s", binErr, binPath)
+		t.Fatalf("build dupsnap: %v", binErr)
 	}
 	return binPath
 }

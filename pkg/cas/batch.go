@@ -37,6 +37,7 @@ type Batch struct {
 	inflight sync.WaitGroup
 
 	created []*tempObj // every temp the writer created (writer-owned until wdone)
+	linked  []*tempObj // named temps made by Link and AdoptFile (no fd; under mu)
 }
 
 type syncStrategy int
@@ -257,6 +258,12 @@ func (b *Batch) cleanup() {
 		}
 	}
 	b.created = nil
+	for _, t := range b.linked {
+		if !t.gone {
+			unix.Unlinkat(b.s.tmpFd, t.name, 0)
+		}
+	}
+	b.linked = nil
 	if b.leased {
 		b.leased = false
 		b.s.lk.unshare()

@@ -22,6 +22,12 @@ type putter interface {
 	Put(ctx context.Context, r io.Reader) (digest.Digest, int64, error)
 }
 
+// payloadPutter is a putter that can name content that is verbatim the tar
+// payload of entry (see Verify) without hashing it.
+type payloadPutter interface {
+	PutPayload(ctx context.Context, entry int, r io.Reader) (digest.Digest, int64, error)
+}
+
 // Ingest reads a layer (plain tar, gzip or zstd, detected by magic), puts
 // every file content into the CAS through b (the caller commits b) and
 // returns the manifest with DiffID = sha256 of the uncompressed tar.
@@ -40,6 +46,10 @@ func ingest(ctx context.Context, p putter, r io.Reader, opts IngestOptions) (m *
 	plain, comp, release, err := decompress(r)
 	if err != nil {
 		return nil, err
+	}
+	if _, ok := p.(payloadPutter); ok && comp != Uncompressed {
+		release()
+		return nil, fmt.Errorf("%w: rebuilt tar starts like a %s stream", ErrInvalidLayer, comp)
 	}
 	hr := newHashReader(plain, opts.MaxSize)
 	defer release()
@@ -142,7 +152,7 @@ func (in *ingester) entry(tr *tar.Reader, hdr *tar.Header) error {
 	case hdr.Typeflag == 'D' && hdr.Size > 0:
 		// GNU dumpdir: the data section lists the directory's names; keep it
 		// as an object so the export can rebuild it.
-		d, n, err := in.p.Put(in.ctx, io.LimitReader(onlyReader{tr}, in.opts.MaxHeaderLen))
+		d, n, err := in.put(io.LimitReader(onlyReader{tr}, in.opts.MaxHeaderLen), true)
 		if err != nil {
 			return fmt.Errorf("entry %q: dumpdir data: %w", e.Path, err)
 		}
@@ -186,7 +196,8 @@ func (in *ingester) putFile(tr *tar.Reader, hdr *tar.Header, e *Entry, seg *rawS
 		in.rec.spool = spool
 		defer func() { in.rec.spool = nil }()
 	}
-	d, n, err := in.p.Put(in.ctx, onlyReader{tr})
+	// A sparse file's content is its expansion, not the archived payload.
+	d, n, err := in.put(onlyReader{tr}, spool == nil)
 	if err != nil {
 		return fmt.Errorf("entry %q: %w", e.Path, err)
 	}
@@ -207,6 +218,15 @@ func (in *ingester) putFile(tr *tar.Reader, hdr *tar.Header, e *Entry, seg *rawS
 		seg.payDigest = pd
 	}
 	return nil
+}
+
+// put stores content; payload says it is verbatim the current entry's tar
+// payload.
+func (in *ingester) put(r io.Reader, payload bool) (digest.Digest, int64, error) {
+	if pp, ok := in.p.(payloadPutter); ok && payload {
+		return pp.PutPayload(in.ctx, len(in.m.Entries), r)
+	}
+	return in.p.Put(in.ctx, r)
 }
 
 func isSparse(hdr *tar.Header) bool {

@@ -9,7 +9,7 @@ TEST_TIMEOUT ?= 20m
 TEST_FLAGS   ?=
 BENCH_FLAGS  ?=
 
-.PHONY: all build tools test test-unit test-integration bench demo lint fuzz clean
+.PHONY: all build tools tools-s3 bench-s3 test test-unit test-integration bench demo lint fuzz clean
 
 all: build
 
@@ -33,6 +33,14 @@ test-integration: build tools
 
 bench: build tools
 	./hack/bench.sh $(BENCH_FLAGS)
+
+# SeaweedFS for dupproxy's S3 backend tests (slow to build: not part of `tools`;
+# without it those tests skip). bench-s3: blob GET throughput fs vs S3 x1/x2.
+tools-s3:
+	./hack/install-seaweedfs.sh
+
+bench-s3: build tools-s3
+	DUPPROXY_BIN=$(BIN)/dupproxy DUPSNAP_TOOLS=$(TOOLS_BIN) $(GO) test -count=1 -run 'TestS3Backend/Bench' -v ./proxy/
 
 demo: build tools
 	./hack/demo.sh

@@ -23,12 +23,12 @@ func (b *Batch) Link(ctx context.Context, src *Store, d digest.Digest) error {
 	if err != nil {
 		return err
 	}
+	if b.present(d) {
+		return nil
+	}
 	name, _, err := src.locate(d)
 	if err != nil {
 		return err
-	}
-	if b.present(d) {
-		return nil
 	}
 	if strings.HasSuffix(name, zstSuffix) == b.s.opts.Compress {
 		ok, err := b.link(ctx, src, name, h, d)

@@ -183,6 +183,7 @@ func (f *Fetcher) fetch(ctx context.Context, labels map[string]string, diffID di
 		c.Namespace, c.Authorization = tg.ns, tg.auth
 		c.Parallel, c.BatchSize = f.cfg.Parallel, f.cfg.BatchSize
 		var l *client.Layer
+		t0 := time.Now()
 		if r.layer != "" {
 			l, err = c.LayerManifest(ctx, r.repo, r.layer)
 		} else {
@@ -196,6 +197,7 @@ func (f *Fetcher) fetch(ctx context.Context, labels map[string]string, diffID di
 			return st, err
 		}
 		st.manifestBytes += l.WireBytes
+		st.tManifest += time.Since(t0)
 		// The proxy must describe the layer the verified config names.
 		if l.DiffID != diffID || l.Manifest.DiffID != diffID {
 			return st, fmt.Errorf("%w: dupproxy answered diffID %s for %s", ErrCorrupt, l.DiffID, diffID)
@@ -260,6 +262,8 @@ func (f *Fetcher) pull(ctx context.Context, c *client.Client, repo string, l *cl
 		}
 		return b.Commit(ctx)
 	}
+	t0 := time.Now()
+	defer func() { st.tObjects = time.Since(t0) - st.tVerify - st.tCommit }()
 	err = fetchInto(mine)
 	f.finish(mine)
 	if err != nil {
@@ -280,7 +284,7 @@ func (f *Fetcher) pull(ctx context.Context, c *client.Client, repo string, l *cl
 	if err := fetchInto(retry); err != nil {
 		return err
 	}
-	return f.verifyAndStore(ctx, l, union{node, stg}, layers)
+	return f.verifyAndStore(ctx, l, union{node, stg}, layers, st)
 }
 
 // claim registers interest in need: objects nobody is fetching are mine

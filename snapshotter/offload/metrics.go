@@ -50,6 +50,9 @@ type stats struct {
 	objects, needed, fetched, requests   int
 	neededBytes, fetchedBytes, wireBytes int64
 	manifestBytes                        int64
+	// Phase times, for the measurement log line (DUPSNAP_MEASURE in
+	// integration/offload_test.go reads them).
+	tManifest, tObjects, tVerify, tCommit time.Duration
 }
 
 // result names the outcome of a fetch for metrics and logs.
@@ -94,6 +97,10 @@ func (f *Fetcher) account(ctx context.Context, st stats, err error, took time.Du
 		"wire_bytes":     st.wireBytes + st.manifestBytes,
 		"requests":       st.requests,
 		"took":           took,
+		"t_manifest":     st.tManifest,
+		"t_objects":      st.tObjects,
+		"t_verify":       st.tVerify,
+		"t_commit":       st.tCommit,
 	})
 	switch res {
 	case "fetched":

@@ -28,7 +28,31 @@ import (
 // inode, no atime/ctime, no user/group names) so Export yields a valid
 // layer whose sha256 is the manifest's DiffID.
 func FromDir(ctx context.Context, b *cas.Batch, dir string) (*Manifest, error) {
-	return fromDir(ctx, b, dir)
+	return fromDir(ctx, b, dir, DirOptions{})
+}
+
+// DirOptions change how FromDirWith reads a staging directory.
+type DirOptions struct {
+	// Adopt: the caller owns dir and deletes it once b is committed, so
+	// regular files become objects through cas.Batch.AdoptFile (hashed in
+	// place, linked, never copied). That changes their mode, owner, times
+	// and xattrs after FromDirWith has read them: dir is spent afterwards.
+	Adopt bool
+	// SkipDir, if set, is asked about every directory below the root (rel
+	// is slash separated); true omits the directory's own entry, its
+	// contents are still read. For parent directories an applier created
+	// implicitly, which the layer's tar did not contain.
+	SkipDir func(rel string, st *unix.Stat_t, xattrs map[string]string) bool
+}
+
+// FromDirWith is FromDir with options.
+func FromDirWith(ctx context.Context, b *cas.Batch, dir string, o DirOptions) (*Manifest, error) {
+	return fromDir(ctx, b, dir, o)
+}
+
+// adopter is the part of *cas.Batch that DirOptions.Adopt needs.
+type adopter interface {
+	AdoptFile(ctx context.Context, f *os.File, tee io.Writer) (digest.Digest, int64, error)
 }
 
 // synthWriter receives the synthesised tar: everything is hashed (the
@@ -56,10 +80,11 @@ type dirWalker struct {
 	sw    *synthWriter
 	tw    *tar.Writer
 	in    *ingester
-	inode map[[2]uint64]string // (dev, ino) of multiply-linked files -> first name
+	opts  DirOptions
+	inode map[[2]uint64]*tar.Header // (dev, ino) of multiply-linked files -> first entry
 }
 
-func fromDir(ctx context.Context, p putter, dir string) (*Manifest, error) {
+func fromDir(ctx context.Context, p putter, dir string, o DirOptions) (*Manifest, error) {
 	sw := &synthWriter{h: sha256.New()}
 	w := &dirWalker{
 		ctx:   ctx,
@@ -67,7 +92,8 @@ func fromDir(ctx context.Context, p putter, dir string) (*Manifest, error) {
 		root:  dir,
 		sw:    sw,
 		tw:    tar.NewWriter(sw),
-		inode: map[[2]uint64]string{},
+		opts:  o,
+		inode: map[[2]uint64]*tar.Header{},
 		in: &ingester{ctx: ctx, p: p, opts: IngestOptions{}.withDefaults(),
 			links: symlinkGuard{}, m: &Manifest{}},
 	}
@@ -150,6 +176,9 @@ func (w *dirWalker) one(p string) error {
 	case unix.S_IFDIR:
 		hdr.Typeflag = tar.TypeDir
 		hdr.Name += "/"
+		if w.opts.SkipDir != nil && w.opts.SkipDir(p, &st, xattrs) {
+			return w.walk(p)
+		}
 		if err := w.header(hdr, full, nil); err != nil {
 			return err
 		}
@@ -165,11 +194,14 @@ func (w *dirWalker) one(p string) error {
 		if st.Nlink > 1 {
 			key := [2]uint64{uint64(st.Dev), st.Ino}
 			if first, ok := w.inode[key]; ok {
+				// The inode's metadata as read for the first name: an
+				// adopted inode has an object's by now.
 				hdr.Typeflag = tar.TypeLink
-				hdr.Linkname = first
+				hdr.Linkname = first.Name
+				hdr.Mode, hdr.Uid, hdr.Gid, hdr.ModTime, hdr.PAXRecords = first.Mode, first.Uid, first.Gid, first.ModTime, first.PAXRecords
 				return w.header(hdr, full, nil)
 			}
-			w.inode[key] = p
+			w.inode[key] = hdr
 		}
 		hdr.Typeflag = tar.TypeReg
 		hdr.Size = st.Size
@@ -240,7 +272,15 @@ func (w *dirWalker) header(hdr *tar.Header, full string, st *unix.Stat_t) error 
 				return fmt.Errorf("layout: from dir: %w", err)
 			}
 			w.sw.payload = true
-			d, n, err := w.p.Put(w.ctx, io.TeeReader(f, w.tw))
+			var (
+				d digest.Digest
+				n int64
+			)
+			if a, ok := w.p.(adopter); ok && w.opts.Adopt {
+				d, n, err = a.AdoptFile(w.ctx, f, w.tw)
+			} else {
+				d, n, err = w.p.Put(w.ctx, io.TeeReader(f, w.tw))
+			}
 			w.sw.payload = false
 			f.Close()
 			if err != nil {

@@ -38,7 +38,7 @@ func TestFromDirMerge(t *testing.T) {
 	must(t, unix.Mkfifo(filepath.Join(upper, "fifo"), 0o600))
 
 	mc := newMemCAS()
-	m, err := fromDir(ctx, mc, upper)
+	m, err := fromDir(ctx, mc, upper, DirOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +60,7 @@ func TestFromDirMerge(t *testing.T) {
 		}
 	}
 	// Deterministic: same dir, same diffID.
-	m3, err := fromDir(ctx, newMemCAS(), upper)
+	m3, err := fromDir(ctx, newMemCAS(), upper, DirOptions{})
 	must(t, err)
 	if m3.DiffID != m.DiffID {
 		t.Fatalf("FromDir not deterministic: %s vs %s", m3.DiffID, m.DiffID)

@@ -169,11 +169,13 @@ func serve(t *testing.T, cfg Config) (stop func()) {
 // forceUnmount is the last resort of every test: abort + detach.
 func forceUnmount(mp string) {
 	for i := 0; i < 5; i++ {
-		e, ok := findMount(mp)
-		if !ok || !strings.HasPrefix(e.fstype, "fuse") {
+		if e, ok := findMount(mp); !ok || !strings.HasPrefix(e.fstype, "fuse") {
 			return
 		}
-		abortConn(e.minor)
+		if conn := openConn(mp); conn != nil {
+			abortConn(conn) // through a verified handle: never someone else's
+			conn.Close()
+		}
 		syscall.Unmount(mp, syscall.MNT_DETACH)
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/containerd/log"
 )
 
 // mountEntry is one line of /proc/self/mountinfo.
@@ -183,57 +185,51 @@ func logTail(path string) string {
 	return strings.TrimSpace(string(b))
 }
 
-// abortConn aborts the FUSE connection with device minor dev: every
-// request fails at once and nothing waits on the server any more.
-func abortConn(minor int) {
-	if _, err := os.Stat("/sys/fs/fuse/connections"); err == nil {
-		// fusectl may not be mounted (containers, minimal hosts).
-		var st syscall.Statfs_t
-		if syscall.Statfs("/sys/fs/fuse/connections", &st) == nil && st.Type != 0x65735543 {
-			syscall.Mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0, "")
-		}
-	}
-	os.WriteFile(fmt.Sprintf("/sys/fs/fuse/connections/%d/abort", minor), []byte("1"), 0)
-}
+// stopTimeout bounds the wait for a server to exit after its unmount when
+// the caller's ctx has no deadline.
+const stopTimeout = 10 * time.Second
 
-// Stop unmounts mountpoint, waits up to ctx for the server to exit, and
-// aborts the FUSE connection (and kills the server) if it is stuck.
+// Stop unmounts mountpoint, waits up to ctx (at most stopTimeout) for the
+// server to exit, and only if it is stuck aborts its FUSE connection (see
+// conn.go: through a handle opened while the mount exists) and kills it.
 func Stop(ctx context.Context, mountpoint string) error {
 	pid := readPid(mountpoint)
 	if pid != 0 && !ourProcess(pid) {
 		pid = 0
 	}
-	var minor = -1
-	for Mounted(mountpoint) {
-		e, _ := findMount(mountpoint)
-		minor = e.minor
+	conn := openConn(mountpoint)
+	if conn != nil {
+		defer conn.Close()
+	}
+	for i := 0; i < 3 && Mounted(mountpoint); i++ {
 		err := syscall.Unmount(mountpoint, 0)
 		if errors.Is(err, syscall.EBUSY) {
+			// Still in use (a container's bind mount): detach; the server
+			// exits when the last user goes.
 			err = syscall.Unmount(mountpoint, syscall.MNT_DETACH)
 		}
 		if err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
 			return fmt.Errorf("rootfs: unmount %s: %w", mountpoint, err)
 		}
 	}
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for pid != 0 && ourProcess(pid) {
-		select {
-		case <-ctx.Done():
-			if minor >= 0 {
-				abortConn(minor)
-			}
-			syscall.Kill(pid, syscall.SIGKILL)
-			pid = 0
-		case <-tick.C:
-		}
-	}
-	if minor >= 0 {
-		// A detached mount of a stuck server keeps its connection.
-		if _, err := os.Stat(fmt.Sprintf("/sys/fs/fuse/connections/%d", minor)); err == nil {
-			abortConn(minor)
-		}
+	if pid != 0 && !waitExit(ctx, pid, stopTimeout) {
+		log.G(ctx).WithField("pid", pid).WithField("mountpoint", mountpoint).Warn("rootfs: server did not exit, aborting its connection")
+		abortConn(conn)
+		syscall.Kill(pid, syscall.SIGKILL)
+		waitExit(context.Background(), pid, 2*time.Second)
 	}
 	os.Remove(pidPath(mountpoint))
 	return nil
+}
+
+// waitExit polls until pid is no live rootfs server, for at most d or ctx.
+func waitExit(ctx context.Context, pid int, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for ourProcess(pid) {
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return !ourProcess(pid)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return true
 }

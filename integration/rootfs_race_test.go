@@ -17,14 +17,11 @@ import (
 // TestRootfsRenameOpenRace: a reader opens /counter while a writer keeps
 // replacing it (`echo > counter.tmp; mv counter.tmp counter`, as
 // TestRestart's container does). On a local fs every open either sees the
-// old or the new file. Known pkg/rootfs bug: the reader's LOOKUP returns the
-// old node, the RENAME unlinks it from go-fuse's tree, and the OPEN of that
-// orphaned node resolves its (now empty) path to the root dir: EISDIR (or
-// EINVAL). Set DUPSNAP_KNOWN_BUGS=1 to run it until pkg/rootfs is fixed.
+// old or the new file. The reader's LOOKUP returns the old node, the RENAME
+// takes its name; its OPEN used to resolve the nameless node to the root dir
+// (EISDIR, EINVAL). pkg/rootfs now keeps the old file until the kernel
+// forgets the node (pkg/rootfs TestRenameOverOpenRace is the unit version).
 func TestRootfsRenameOpenRace(t *testing.T) {
-	if os.Getenv("DUPSNAP_KNOWN_BUGS") == "" {
-		t.Skip("known pkg/rootfs bug (open of a renamed-over node): set DUPSNAP_KNOWN_BUGS=1")
-	}
 	harness.Require(t, harness.DupsnapBin())
 	dir := harness.TempDir(t, "rename-race")
 	mnt := filepath.Join(dir, "mnt")

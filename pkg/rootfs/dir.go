@@ -31,14 +31,14 @@ var (
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return nil, 0, errno
 	}
 	if !es.isDir() {
 		return nil, 0, syscall.ENOTDIR
 	}
-	ents, errno := n.r.list(&es, n.path())
+	ents, errno := n.r.list(&es, p)
 	if errno != 0 {
 		return nil, 0, errno
 	}
@@ -56,7 +56,7 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 	h := &dirHandle{ents: all, r: n.r}
 	var fl uint32
 	if es.up {
-		h.up = n.r.upperPath(n.path())
+		h.up = n.r.upperPath(p)
 	} else {
 		// Pure image directory: its listing never changes behind the
 		// kernel's back (a change through this mount bumps the dir's

@@ -43,10 +43,16 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if writeIntent(flags) && n.r.readOnly {
 		return nil, 0, syscall.EROFS
 	}
+	if _, ok := n.path(); !ok {
+		return n.openOrphan(flags)
+	}
 	if !writeIntent(flags) {
 		n.r.mu.RLock()
-		es, errno := n.state()
+		es, p, errno := n.state()
 		n.r.mu.RUnlock()
+		if errno == syscall.ESTALE {
+			return n.openOrphan(flags) // lost its name just now
+		}
 		if errno != 0 {
 			return nil, 0, errno
 		}
@@ -59,18 +65,20 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			return nil, 0, n.newIdentity(&es.st)
 		}
 		if n.r.region != nil && es.st.Mode&syscall.S_IFMT == syscall.S_IFREG {
-			if _, ok := readCowRef(n.r.upperPath(n.path())); ok {
-				return n.openCow(n.r.upperPath(n.path()), flags)
+			if _, ok := readCowRef(n.r.upperPath(p)); ok {
+				return n.openCow(n.r.upperPath(p), flags)
 			}
 		}
 	}
 	n.r.mu.Lock()
 	defer n.r.mu.Unlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
+	if errno == syscall.ESTALE {
+		return n.openOrphan(flags)
+	}
 	if errno != 0 {
 		return nil, 0, errno
 	}
-	p := n.path()
 	if !es.up {
 		if err := n.r.copyUp(ctx, p, es.lower); err != nil {
 			logErr(ctx, "copy-up", p, err)

@@ -38,8 +38,7 @@ func (n *node) prepDir(ctx context.Context) (entryState, string, syscall.Errno) 
 	if n.r.readOnly || n.r.upper == "" {
 		return entryState{}, "", syscall.EROFS
 	}
-	dp := n.path()
-	d, errno := n.state()
+	d, dp, errno := n.state()
 	if errno != 0 {
 		return d, dp, errno
 	}
@@ -218,11 +217,10 @@ func (n *node) Link(ctx context.Context, target fs.InodeEmbedder, name string, o
 	if errno != 0 {
 		return nil, errno
 	}
-	ts, errno := t.state()
+	ts, tp, errno := t.state()
 	if errno != 0 {
 		return nil, errno
 	}
-	tp := t.path()
 	if !ts.up {
 		if err := n.r.copyUp(ctx, tp, ts.lower); err != nil {
 			logErr(ctx, "copy-up", tp, err)
@@ -283,6 +281,9 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 	}
 	if c.up {
 		ref, isCow := n.r.cowRefOf(&c, p)
+		if isCow && c.st.Nlink <= 1 {
+			n.r.pinVictim(n.GetChild(name), n.r.upperPath(p))
+		}
 		var err error
 		if dir {
 			err = os.RemoveAll(n.r.upperPath(p)) // holds whiteouts at most
@@ -397,6 +398,9 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 	if dst.up && !dst.isDir() && dst.st.Nlink <= 1 {
 		dref, dropDst = n.r.cowRefOf(&dst, dp)
 	}
+	if dropDst {
+		n.r.pinVictim(np.GetChild(newName), n.r.upperPath(dp))
+	}
 	if err := os.Rename(n.r.upperPath(sp), n.r.upperPath(dp)); err != nil {
 		return toErrno(err)
 	}
@@ -429,11 +433,10 @@ func (n *node) prepWrite(ctx context.Context) (string, syscall.Errno) {
 	if n.r.readOnly || n.r.upper == "" {
 		return "", syscall.EROFS
 	}
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return "", errno
 	}
-	p := n.path()
 	if !es.up {
 		if err := n.r.copyUp(ctx, p, es.lower); err != nil {
 			logErr(ctx, "copy-up", p, err)
@@ -450,7 +453,7 @@ func (n *node) prepWrite(ctx context.Context) (string, syscall.Errno) {
 func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
 	n.r.mu.Lock()
 	defer n.r.mu.Unlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return errno
 	}
@@ -459,10 +462,10 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 		if n.r.readOnly || n.r.upper == "" {
 			return syscall.EROFS
 		}
-		if err := n.r.ensureUpperDir(ctx, n.path()); err != nil {
+		if err := n.r.ensureUpperDir(ctx, p); err != nil {
 			return toErrno(err)
 		}
-		up = n.r.upperPath(n.path())
+		up = n.r.upperPath(p)
 	} else if up, errno = n.prepWrite(ctx); errno != 0 {
 		return errno
 	}
@@ -512,11 +515,11 @@ func (n *node) Setattr(ctx context.Context, f fs.FileHandle, in *fuse.SetAttrIn,
 			return toErrno(err)
 		}
 	}
-	es, errno = n.state()
+	es, p, errno = n.state()
 	if errno != 0 {
 		return errno
 	}
-	n.attr(n.path(), &es, &out.Attr)
+	n.attr(p, &es, &out.Attr)
 	return 0
 }
 
@@ -548,7 +551,7 @@ func (n *node) Removexattr(ctx context.Context, attr string) syscall.Errno {
 
 // prepWriteAny is prepWrite for files and dirs alike.
 func (n *node) prepWriteAny(ctx context.Context) (string, syscall.Errno) {
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return "", errno
 	}
@@ -556,10 +559,10 @@ func (n *node) prepWriteAny(ctx context.Context) (string, syscall.Errno) {
 		if n.r.readOnly || n.r.upper == "" {
 			return "", syscall.EROFS
 		}
-		if err := n.r.ensureUpperDir(ctx, n.path()); err != nil {
+		if err := n.r.ensureUpperDir(ctx, p); err != nil {
 			return "", toErrno(err)
 		}
-		return n.r.upperPath(n.path()), 0
+		return n.r.upperPath(p), 0
 	}
 	return n.prepWrite(ctx)
 }

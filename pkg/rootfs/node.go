@@ -26,6 +26,9 @@ type node struct {
 	// pt counts open passthrough handles of the clean image file (a later
 	// region open must then be direct I/O, see openCow).
 	pt atomic.Int32
+	// pinned keeps the region file of this node alive after its last
+	// name went, until the kernel forgets the node (see orphan.go).
+	pinned atomic.Pointer[cowInode]
 }
 
 var (
@@ -40,15 +43,41 @@ var (
 
 func fsErrno(err error) syscall.Errno { return fs.ToErrno(err) }
 
-func (n *node) path() string { return n.Path(nil) }
+// path is n's current path below the mount root ("" for the root); ok is
+// false for a node that has no name any more (renamed over, unlinked, or
+// evicted because a new file got its inode number). Inode.Path would give
+// "" for such a node, which is the root: the cause of "is a directory"
+// when a reader opened a file a concurrent rename had just replaced.
+func (n *node) path() (string, bool) {
+	var segs []string
+	p := n.EmbeddedInode()
+	for !p.IsRoot() {
+		name, parent := p.Parent()
+		if parent == nil {
+			return "", false
+		}
+		segs = append(segs, name)
+		p = parent
+	}
+	for i, j := 0, len(segs)-1; i < j; i, j = i+1, j-1 {
+		segs[i], segs[j] = segs[j], segs[i]
+	}
+	return strings.Join(segs, "/"), true
+}
 
-// state is what n's path currently is.
-func (n *node) state() (entryState, syscall.Errno) {
-	es, errno := n.r.stateAt(n.path(), n.lower)
+// state is what n's path currently is, and that path. A node without a
+// path is ESTALE: the kernel then drops its dentry and looks the name up
+// again (open, stat and friends retry once with a fresh lookup).
+func (n *node) state() (entryState, string, syscall.Errno) {
+	p, ok := n.path()
+	if !ok {
+		return entryState{}, "", syscall.ESTALE
+	}
+	es, errno := n.r.stateAt(p, n.lower)
 	if errno == 0 && !es.exists() {
 		errno = syscall.ENOENT
 	}
-	return es, errno
+	return es, p, errno
 }
 
 // attr fills a from state es of n, at path p.
@@ -82,8 +111,7 @@ func (r *rootFS) newNode(parent *fs.Inode, ctx context.Context, es *entryState, 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
-	dp := n.path()
-	d, errno := n.state()
+	d, dp, errno := n.state()
 	if errno != 0 {
 		return nil, errno
 	}
@@ -112,26 +140,32 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 	if ch, ok := f.(*cowHandle); ok {
 		return ch.Getattr(ctx, out)
 	}
+	if _, ok := n.path(); !ok {
+		return n.orphanAttr(out)
+	}
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
+	if errno == syscall.ESTALE {
+		return n.orphanAttr(out)
+	}
 	if errno != 0 {
 		return errno
 	}
-	n.attr(n.path(), &es, &out.Attr)
+	n.attr(p, &es, &out.Attr)
 	return 0
 }
 
 func (n *node) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return nil, errno
 	}
 	if es.up {
 		buf := make([]byte, 4096)
-		k, err := unix.Readlink(n.r.upperPath(n.path()), buf)
+		k, err := unix.Readlink(n.r.upperPath(p), buf)
 		if err != nil {
 			return nil, toErrno(err)
 		}
@@ -154,12 +188,12 @@ func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, 
 	}
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return 0, errno
 	}
 	if es.up {
-		sz, err := unix.Lgetxattr(n.r.upperPath(n.path()), attr, dest)
+		sz, err := unix.Lgetxattr(n.r.upperPath(p), attr, dest)
 		return uint32(sz), toErrno(err)
 	}
 	v, ok := es.lower.Entry.Xattrs[attr]
@@ -175,14 +209,14 @@ func (n *node) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, 
 func (n *node) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
-	es, errno := n.state()
+	es, p, errno := n.state()
 	if errno != 0 {
 		return 0, errno
 	}
 	var names []string
 	if es.up {
 		buf := make([]byte, 64<<10)
-		sz, err := unix.Llistxattr(n.r.upperPath(n.path()), buf)
+		sz, err := unix.Llistxattr(n.r.upperPath(p), buf)
 		if err != nil {
 			return 0, toErrno(err)
 		}

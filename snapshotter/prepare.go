@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -122,6 +123,11 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		cfg, err := s.rootfsConfig(snap.ID, snap.ParentIDs, kind == snapshots.KindView)
 		if err != nil {
 			return nil, err
+		}
+		if v := info.Labels[maxSizeLabel]; v != "" && !cfg.ReadOnly {
+			if cfg.MaxSize, err = strconv.ParseInt(v, 10, 64); err != nil || cfg.MaxSize < 0 {
+				return nil, fmt.Errorf("label %s=%q: %w", maxSizeLabel, v, errdefs.ErrInvalidArgument)
+			}
 		}
 		if err := s.startRootfs(ctx, cfg, s.paths(snap.ID).log()); err != nil {
 			return nil, err

@@ -32,6 +32,9 @@ func (s *Snapshotter) layersOf(parentIDs []string) ([]digest.Digest, error) {
 	return layers, nil
 }
 
+// maxSizeLabel caps an active snapshot's region (its quota).
+const maxSizeLabel = "containerd.io/snapshot/max-size"
+
 // rootfsConfig describes the rootfs server of snapshot id.
 func (s *Snapshotter) rootfsConfig(id string, parentIDs []string, readOnly bool) (rootfs.Config, error) {
 	layers, err := s.layersOf(parentIDs)
@@ -49,6 +52,11 @@ func (s *Snapshotter) rootfsConfig(id string, parentIDs []string, readOnly bool)
 	}
 	if !readOnly {
 		cfg.StateDir = p.state()
+		// The quota set at Prepare (maxSizeLabel) lives on in the config
+		// that rootfs.Start wrote then (restart, Usage).
+		if old, err := rootfs.LoadConfig(rootfs.ConfigPath(cfg.Mountpoint)); err == nil {
+			cfg.MaxSize = old.MaxSize
+		}
 	}
 	return cfg, nil
 }

@@ -25,10 +25,10 @@ type goBenchPair struct {
 // pkg/cow's own benchmarks (issue 4): region CoW against the plain-file
 // (overlayfs-like) variant on the same filesystem.
 var cowPairs = []goBenchPair{
-	{4, "Overwrite4KCoW", "Overwrite4KCopyUp", "pkg/cow: 4 KiB overwrite of a 256 MiB file, durable (ns/op, CoW vs copy-up)", ratioGoal("<=", 0.02)},
-	{4, "Random4KCoW", "Random4KPlain", "pkg/cow: random 4 KiB writes (ns/op, region vs plain file)", ratioGoal("<=", 1.0)},
-	{4, "SeqWriteNewRegion", "SeqWriteNewPlain", "pkg/cow: sequential write of a new file (ns/op, region vs plain)", ratioGoal("<=", 1.25)},
-	{4, "SeqReadNewRegion", "SeqReadNewPlain", "pkg/cow: sequential read of a new file (ns/op, region vs plain)", ratioGoal("<=", 1.25)},
+	{4, "Overwrite4KCoW", "Overwrite4KCopyUp", "pkg/cow: 4 KiB overwrite of a 256 MiB file, durable (CoW vs copy-up)", ratioGoal("<=", 0.02)},
+	{4, "Random4KCoW", "Random4KPlain", "pkg/cow: random 4 KiB writes (region vs plain file)", ratioGoal("<=", 1.0)},
+	{4, "SeqWriteNewRegion", "SeqWriteNewPlain", "pkg/cow: sequential write of a new file (region vs plain)", ratioGoal("<=", 1.25)},
+	{4, "SeqReadNewRegion", "SeqReadNewPlain", "pkg/cow: sequential read of a new file (region vs plain)", ratioGoal("<=", 1.25)},
 }
 
 // benchGoPkg runs the pairs' benchmarks of pkg (count = reps, a few

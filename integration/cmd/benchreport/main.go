@@ -64,6 +64,7 @@ func run(p params) int {
 		return 1
 	}
 	start := time.Now()
+	os.RemoveAll(p.logs)
 	t := stack.NewT(ctx, "bench", os.Stdout)
 	t.Cleanup(func() {
 		if err := stack.Emergency(top); err != nil {
@@ -74,7 +75,7 @@ func run(p params) int {
 		"small_files": p.small, "large_mb": p.largeMB, "writes": p.writes, "store_mb": p.storeMB, "usr_files": p.usrFiles}}
 	rs := &Results{}
 	err = stack.Do(t, "bench", func(t *stack.T) { bench(ctx, t, rs, &rep, top, p) })
-	_ = stack.SaveLogs(top, p.logs)
+	_ = stack.SaveLogs(top, filepath.Join(p.logs, "registry-tier"))
 	fmt.Println("==> cleaning up (processes, mounts, files)")
 	t.Close()
 	if ctx.Err() != nil {
@@ -178,7 +179,7 @@ func bench(ctx context.Context, t *stack.T, rs *Results, rep *Report, top string
 
 	step("issues 3, 4, 6: nodes, %d repetitions", p.reps)
 	benchNodes(ctx, t, rs, rt, top, nodeParams{set: set, bench: bench, bigPath: "/data/big.bin", reps: p.reps,
-		small: p.small, largeMB: p.largeMB, writes: p.writes})
+		small: p.small, largeMB: p.largeMB, writes: p.writes, logs: p.logs})
 }
 
 func printSummary(r Report) {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 // SaveLogs copies every *.log under dir into dst (flattened, path joined
@@ -15,11 +16,20 @@ func SaveLogs(dir, dst string) error {
 	if err := os.MkdirAll(dst, 0o755); err != nil {
 		return err
 	}
+	var top syscall.Stat_t
+	if err := syscall.Stat(dir, &top); err != nil {
+		return err
+	}
 	return filepath.WalkDir(dir, func(p string, de fs.DirEntry, err error) error {
 		if err != nil {
 			return nil
 		}
 		if de.IsDir() {
+			// Never cross into a mount (a FUSE server may be gone).
+			var st syscall.Stat_t
+			if syscall.Lstat(p, &st) != nil || st.Dev != top.Dev {
+				return filepath.SkipDir
+			}
 			// Never descend into container rootfs or snapshot mounts.
 			if strings.Contains(p, "snapshots") || strings.Contains(p, "io.containerd") || strings.HasSuffix(p, "/cas") {
 				return filepath.SkipDir

@@ -58,6 +58,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		mkey  digest.Digest
 		usage snapshots.Usage
 		err   error
+		ph    = phases{last: time.Now()}
 	)
 	switch mode {
 	case modeStaged:
@@ -68,15 +69,13 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			return fmt.Errorf("staged layer %s vanished: %w", mkey, errdefs.ErrNotFound)
 		}
 	case modeUnpack:
-		mkey, usage, err = s.ingest(ctx, func(b *cas.Batch) (*layout.Manifest, error) {
-			return layout.FromDir(ctx, b, p.upper())
-		})
+		mkey, usage, err = s.ingestStaging(ctx, snap, base.Parent, p, &ph)
 	default:
 		rcfg, cerr := s.rootfsConfig(snap.ID, snap.ParentIDs, false)
 		if cerr != nil {
 			return cerr
 		}
-		mkey, usage, err = s.ingest(ctx, func(b *cas.Batch) (*layout.Manifest, error) {
+		mkey, usage, err = s.ingest(ctx, &ph, func(b *cas.Batch) (*layout.Manifest, error) {
 			return rootfs.Changes(ctx, rcfg, b)
 		})
 	}
@@ -99,6 +98,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 	}
 
+	ph.mark("manifest-ref")
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		_, err := storage.CommitActive(ctx, key, name, usage, opts...)
 		return err
@@ -106,6 +106,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		os.Remove(p.manifest())
 		return err
 	}
+	ph.mark("metastore")
 
 	// The snapshot is a manifest now; its working state is garbage.
 	for _, mp := range []string{p.mnt(), p.lower()} {
@@ -113,30 +114,34 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			log.G(ctx).WithError(err).Warn("stopping rootfs after commit")
 		}
 	}
-	for _, d := range []string{p.upper(), p.work(), p.lowerDir(), p.mnt(), p.state(), p.staged()} {
+	for _, d := range []string{p.upper(), p.work(), p.lowerDir(), p.mnt(), p.state(), p.staged(), p.ingesting()} {
 		if err := removeDir(d); err != nil {
 			log.G(ctx).WithError(err).WithField("path", d).Warn("cleaning committed snapshot")
 		}
 	}
-	log.G(ctx).WithField("name", name).WithField("layer", mkey).WithField("added", usage.Size).Debug("committed")
+	ph.mark("cleanup")
+	log.G(ctx).WithField("name", name).WithField("layer", mkey).WithField("added", usage.Size).
+		WithField("phases", ph.String()).Debug("committed")
 	return nil
 }
 
 // ingest builds a manifest through fn under a CAS lease, makes its objects
 // durable and stores the manifest. Usage is what the layer added to the
 // store: objects the CAS did not have before this batch, and its entries.
-func (s *Snapshotter) ingest(ctx context.Context, fn func(*cas.Batch) (*layout.Manifest, error)) (digest.Digest, snapshots.Usage, error) {
+func (s *Snapshotter) ingest(ctx context.Context, ph *phases, fn func(*cas.Batch) (*layout.Manifest, error)) (digest.Digest, snapshots.Usage, error) {
 	release, err := s.cas.Lease(ctx)
 	if err != nil {
 		return "", snapshots.Usage{}, err
 	}
 	defer release()
 	b := s.cas.NewBatch()
+	ph.mark("lease")
 	m, err := fn(b)
 	if err != nil {
 		b.Abort()
 		return "", snapshots.Usage{}, err
 	}
+	ph.mark("read")
 	sizes := make(map[digest.Digest]int64, len(m.Entries))
 	for _, e := range m.Entries {
 		if e.Digest != "" {
@@ -154,11 +159,13 @@ func (s *Snapshotter) ingest(ctx context.Context, fn func(*cas.Batch) (*layout.M
 	if err := b.Commit(ctx); err != nil {
 		return "", snapshots.Usage{}, err
 	}
+	ph.mark("batch-commit")
 	if !s.layers.Has(m.DiffID) {
 		if err := s.layers.Put(ctx, m); err != nil {
 			return "", snapshots.Usage{}, err
 		}
 	}
+	ph.mark("manifest-put")
 	ingestedBytes.Add(float64(added))
 	return m.DiffID, snapshots.Usage{Size: added, Inodes: int64(len(m.Entries))}, nil
 }

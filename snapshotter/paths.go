@@ -17,6 +17,7 @@ import (
 //
 //	manifest  committed: the layout key (manifest DiffID) of its layer
 //	staged    active, layer already on node: the manifest key to commit
+//	ingesting active unpack: Commit started adopting the staging dir's files
 //	fs, work  active unpack: overlay upperdir (staging) and workdir
 //	lower/mnt active unpack with parent: read-only rootfs view of the parent chain
 //	mnt       active/view: mountpoint of the rootfs server (rootfs keeps
@@ -31,6 +32,9 @@ func (s *Snapshotter) paths(id string) snapPaths {
 func (p snapPaths) dir() string      { return string(p) }
 func (p snapPaths) manifest() string { return filepath.Join(string(p), "manifest") }
 func (p snapPaths) staged() string   { return filepath.Join(string(p), "staged") }
+func (p snapPaths) ingesting() string {
+	return filepath.Join(string(p), "ingesting") // an unpack's Commit began adopting its files
+}
 func (p snapPaths) upper() string    { return filepath.Join(string(p), "fs") }
 func (p snapPaths) work() string     { return filepath.Join(string(p), "work") }
 func (p snapPaths) lowerDir() string { return filepath.Join(string(p), "lower") }

@@ -31,10 +31,24 @@ type ContainerdOptions struct {
 	DupsnapSocket, DupsnapRoot string
 	// Namespace for ctr commands (default "dupsnap-test").
 	Namespace string
-	// MaxConcurrentUnpacks > 1 turns on parallel (rebase) unpack.
+	// MaxConcurrentUnpacks is the transfer service's max_concurrent_unpacks:
+	// 0 means DefaultConcurrentUnpacks (parallel unpack, the documented
+	// setup: no parent at Prepare, the parent given at Commit via rebase,
+	// for dupsnap and overlayfs alike); 1 is the sequential unpack.
 	MaxConcurrentUnpacks int
 	// Extra TOML appended to the generated config.
 	Extra string
+}
+
+// DefaultConcurrentUnpacks is the harness's (and docs/containerd.md's)
+// max_concurrent_unpacks.
+const DefaultConcurrentUnpacks = 3
+
+func (o ContainerdOptions) unpacks() int {
+	if o.MaxConcurrentUnpacks <= 0 {
+		return DefaultConcurrentUnpacks
+	}
+	return o.MaxConcurrentUnpacks
 }
 
 // Config renders the containerd config for dir.
@@ -66,7 +80,7 @@ disabled_plugins = [
     platform = "linux/amd64"
     snapshotter = "overlayfs"
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), filepath.Join(dir, "containerd.sock"),
-		filepath.Join(dir, "containerd.sock.ttrpc"), filepath.Join(dir, "opt"), max(o.MaxConcurrentUnpacks, 1))
+		filepath.Join(dir, "containerd.sock.ttrpc"), filepath.Join(dir, "opt"), o.unpacks())
 	if o.DupsnapSocket != "" {
 		fmt.Fprintf(&b, `  [[plugins."io.containerd.transfer.v1.local".unpack_config]]
     platform = "linux/amd64"

@@ -1,0 +1,63 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/pkg/cas"
+	"github.com/dupsnap/dupsnap/pkg/layout"
+)
+
+// ingestStaging commits an unpack's staging dir. The dir is on the CAS's
+// filesystem and is deleted after the commit, so its files are adopted as
+// objects (hashed in place and linked, never copied): the applier's
+// writes are the only write of the data, and the batch's syncfs makes them
+// durable before any object name exists. Adoption rewrites the files'
+// metadata (after FromDir has read it), so a staging dir can be ingested
+// once only: a second attempt (containerd retrying a failed Commit) fails.
+func (s *Snapshotter) ingestStaging(ctx context.Context, snap storage.Snapshot, parent string, p snapPaths, ph *phases) (key digest.Digest, u snapshots.Usage, err error) {
+	since := time.Now()
+	if st, err := os.Stat(p.work()); err == nil {
+		since = st.ModTime() // made at Prepare, before the applier ran
+	}
+	skip, err := s.implicitDirs(ctx, snap, parent, since)
+	if err != nil {
+		return "", u, err
+	}
+	f, err := os.OpenFile(p.ingesting(), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		if os.IsExist(err) {
+			return "", u, fmt.Errorf("staging dir was already ingested by a failed commit: %w", errdefs.ErrFailedPrecondition)
+		}
+		return "", u, err
+	}
+	f.Close()
+	return s.ingest(ctx, ph, func(b *cas.Batch) (*layout.Manifest, error) {
+		return layout.FromDirWith(ctx, b, p.upper(), layout.DirOptions{Adopt: true, SkipDir: skip})
+	})
+}
+
+// phases times the steps of one operation for a debug log line.
+type phases struct {
+	last time.Time
+	b    strings.Builder
+}
+
+func (ph *phases) mark(name string) {
+	now := time.Now()
+	if ph.b.Len() > 0 {
+		ph.b.WriteByte(' ')
+	}
+	fmt.Fprintf(&ph.b, "%s=%s", name, now.Sub(ph.last).Round(10*time.Microsecond))
+	ph.last = now
+}
+
+func (ph *phases) String() string { return ph.b.String() }

@@ -66,7 +66,7 @@ func TestUnpackImplicitParentDirs(t *testing.T) {
 	}
 
 	up = unpack("k2", "t2")
-	time.Sleep(10 * time.Millisecond) // the applier runs after Prepare
+	time.Sleep(10 * time.Millisecond)             // the applier runs after Prepare
 	mkdir(filepath.Join(up, "tmp"), 0o755, nil)   // implicit, parent has it
 	mkdir(filepath.Join(up, "usr"), 0o755, &old)  // explicit (tar mtime)
 	mkdir(filepath.Join(up, "fresh"), 0o755, nil) // implicit, parent lacks it

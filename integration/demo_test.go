@@ -34,7 +34,8 @@ func TestDemo(t *testing.T) {
 	if out, err := harness.Run(ctx, 2*time.Minute, []string{"CGO_ENABLED=0"}, "go", "build", "-o", bin, "./cmd/dupdemo"); err != nil {
 		t.Fatalf("building dupdemo: %v\n%s", err, out)
 	}
-	args := []string{"--images", "2", "--image-mb", "6", "--dir", parent, "--logs", filepath.Join(parent, "logs")}
+	// --timeout: the demo cleans up by itself even if this test is killed.
+	args := []string{"--images", "2", "--image-mb", "6", "--dir", parent, "--logs", filepath.Join(parent, "logs"), "--timeout", "100s"}
 
 	// Full run.
 	out, err := harness.Run(ctx, 90*time.Second, nil, bin, args...)

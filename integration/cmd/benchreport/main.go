@@ -23,7 +23,8 @@ import (
 
 type params struct {
 	images, imageMB, reps, bigMB, small, largeMB, writes, storeMB, usrFiles int
-	out, dir, inctr, logs                                         string
+	out, dir, inctr, logs                                                   string
+	timeout                                                                 time.Duration
 }
 
 func main() {
@@ -41,6 +42,7 @@ func main() {
 	flag.StringVar(&p.dir, "dir", "/var/tmp", "where the run's temp dir goes")
 	flag.StringVar(&p.inctr, "inctr", "bin/inctr", "the static in-container helper (built by hack/bench.sh)")
 	flag.StringVar(&p.logs, "logs", "/var/tmp/dupbench-logs", "where the components' logs are kept after the run")
+	flag.DurationVar(&p.timeout, "timeout", 2*time.Hour, "give up (clean up, write what was measured) after this long")
 	flag.Parse()
 	os.Exit(run(p))
 }
@@ -56,8 +58,11 @@ func run(p params) int {
 	}
 	p.inctr, _ = filepath.Abs(p.inctr)
 	var top string
-	ctx, stop := stack.SignalContext(func() string { return top }, 60*time.Second)
+	sigctx, stop := stack.SignalContext(func() string { return top }, 60*time.Second)
 	defer stop()
+	// Its own deadline: the run ends and cleans up even if its parent is gone.
+	ctx, cancel := context.WithTimeout(sigctx, p.timeout)
+	defer cancel()
 	top, err := stack.TopDir(p.dir, "dupbench")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "benchreport:", err)
@@ -78,9 +83,12 @@ func run(p params) int {
 	_ = stack.SaveLogs(top, filepath.Join(p.logs, "registry-tier"))
 	fmt.Println("==> cleaning up (processes, mounts, files)")
 	t.Close()
-	if ctx.Err() != nil {
+	if sigctx.Err() != nil {
 		fmt.Fprintln(os.Stderr, "benchreport: interrupted; no report written")
 		return 130
+	}
+	if ctx.Err() != nil {
+		rep.Log = append(rep.Log, fmt.Sprintf("run hit --timeout %s: later benchmarks not measured", p.timeout))
 	}
 	if err != nil {
 		rep.Log = append(rep.Log, "run stopped early: "+err.Error())

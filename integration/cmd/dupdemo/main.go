@@ -24,12 +24,13 @@ func main() {
 	images := flag.Int("images", 4, "number of demo images")
 	imageMB := flag.Int("image-mb", 40, "approximate uncompressed MiB per image")
 	parent := flag.String("dir", "/var/tmp", "where the run's temp dir goes")
+	timeout := flag.Duration("timeout", 20*time.Minute, "give up (and clean up) after this long")
 	logs := flag.String("logs", "/var/tmp/dupdemo-logs", "where the components' logs are kept if the run fails")
 	flag.Parse()
-	os.Exit(run(*images, *imageMB, *parent, *logs))
+	os.Exit(run(*images, *imageMB, *parent, *logs, *timeout))
 }
 
-func run(images, imageMB int, parent, logs string) int {
+func run(images, imageMB int, parent, logs string, timeout time.Duration) int {
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "dupdemo: run as root (containerd, mounts, FUSE): sudo make demo")
 		return 2
@@ -44,6 +45,10 @@ func run(images, imageMB int, parent, logs string) int {
 	var top string
 	ctx, stop := stack.SignalContext(func() string { return top }, 60*time.Second)
 	defer stop()
+	// A deadline of its own: even if whatever started it is gone (a CI
+	// job killed on timeout), the demo ends and cleans up.
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	top, err := stack.TopDir(parent, "dupdemo")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "dupdemo:", err)
@@ -67,6 +72,10 @@ func run(images, imageMB int, parent, logs string) int {
 		return 1
 	}
 	if err != nil {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			fmt.Fprintf(os.Stderr, "dupdemo: gave up after --timeout %s: %v\n  component logs: %s\n", timeout, err, logs)
+			return 1
+		}
 		if ctx.Err() != nil {
 			fmt.Fprintln(os.Stderr, "dupdemo: interrupted")
 			return 130

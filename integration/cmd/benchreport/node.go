@@ -102,7 +102,7 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 				note = "offload not available (dupsnap serve has no --proxy): ordinary unpack through dupproxy"
 			}
 			rs.Add(6, pull6, "s", "overlayfs from the plain registry", ratioGoal("<=", 0.5), dup.Time.Seconds(), ovl.Time.Seconds())
-			rs.Add(6, wire6, "MiB", "compressed blobs (overlayfs pull)", ratioGoal("<=", 0.7), mib(dup.Wire), mib(ovl.Wire))
+			rs.Add(6, wire6, "MiB", "overlayfs pull: the compressed blobs", ratioGoal("<=", 0.7), mib(dup.Wire), mib(ovl.Wire))
 			rs.Add(6, disk6, "MiB", "overlayfs snapshots + content store", ratioGoal("<=", 0.5), mib(dup.Disk()), mib(ovl.Disk()))
 			if note != "" {
 				rs.Note(6, pull6, note)

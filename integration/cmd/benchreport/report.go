@@ -209,9 +209,14 @@ const method = `- One registry tier for the whole run: distribution v3.1.2 as up
   dupsnap's root, plus the content-store blobs listed in the namespace.
 - Image set: images built from this machine's /usr files: a base layer shared by all, a runtime layer shared by pairs,
   the files of another pair's runtime relocated (same bytes, other layer) and a layer of their own.
-- In-container numbers come from a static helper in the bench image (integration/cmd/benchreport/inctr): reads and the
-  /usr walk are timed after a warm-up pass (page cache warm on both sides); writes go to a 256 MiB (--big-mb) random
-  image file; "extra disk" is the snapshotter storage growth after the container wrote and exited.
+- Both snapshotters unpack with the harness's containerd config (max_concurrent_unpacks 3, rebase); each node runs one
+  pull at a time.
+- In-container numbers come from a static helper in the bench image (integration/cmd/benchreport/inctr). The bench
+  image is the set's first image plus ~5000 files of this machine's /usr (--usr-files), one random 256 MiB file
+  (--big-mb) and the helper. Reads and the /usr walk are timed after a warm-up pass (page cache warm on both sides);
+  writes go to the 256 MiB image file; "extra disk" is the snapshotter storage growth with the writing container
+  kept, net of a kept container that wrote nothing. Start time is the wall time of a whole ` + "`ctr run --rm`" + ` of a no-op.
+- pkg/cow rows are that package's own ` + "`go test -bench`" + ` pairs (region vs plain file on the same filesystem), count = reps.
 - Issue 2 runs in-process against pkg/layout and pkg/cas (stores under the run dir); sha256 of the same tar bytes is
   the baseline measured right before each ingest.
 - Issue 5: store bytes from ` + "`dupproxy stats --json`" + ` (physical) vs the registry's blob dir; GET latency p50 over every

@@ -15,6 +15,7 @@ all: build
 
 build:
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/dupsnap ./cmd/dupsnap
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/dupsnap-rootfs ./cmd/dupsnap-rootfs
 	CGO_ENABLED=0 $(GO) build -o $(BIN)/dupproxy ./cmd/dupproxy
 
 tools:

@@ -18,7 +18,8 @@ var (
 	binErr  error
 )
 
-// dupsnapBin is $DUPSNAP_BIN or a binary built once for this test run.
+// dupsnapBin is $DUPSNAP_BIN or a binary path whose server (SmallBinary)
+// is built once for this test run.
 func dupsnapBin(t *testing.T) string {
 	t.Helper()
 	if p := os.Getenv("DUPSNAP_BIN"); p != "" {
@@ -30,10 +31,14 @@ func dupsnapBin(t *testing.T) string {
 			binErr = err
 			return
 		}
+		// Only the small server is built (Start prefers it next to the
+		// named dupsnap binary, which need not exist): a fraction of the
+		// build time of cmd/dupsnap. `dupsnap rootfs` is the integration
+		// tests' business.
 		binPath = filepath.Join(dir, "dupsnap")
 		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 		defer cancel()
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", binPath, "github.com/dupsnap/dupsnap/cmd/dupsnap")
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", filepath.Join(dir, SmallBinary), "github.com/dupsnap/dupsnap/cmd/dupsnap-rootfs")
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			binErr = fmt.Errorf("%w: %s", err, out)

@@ -1,0 +1,57 @@
+// Command dupsnap-rootfs serves one container root filesystem: the same
+// server as `dupsnap rootfs`, in a small binary of its own. One of these
+// runs per container; the big dupsnap binary's code pages (containerd,
+// grpc, ...) would otherwise count against every one of them.
+// rootfs.Start prefers it when it sits next to the dupsnap binary.
+//
+// Usage: dupsnap-rootfs rootfs --config FILE [--log-level L]
+// (the "rootfs" word keeps the command line the same as dupsnap's, which is
+// how pkg/rootfs recognises its servers by pid).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/dupsnap/dupsnap/pkg/rootfs"
+)
+
+func main() {
+	args := os.Args[1:]
+	if len(args) > 0 && args[0] == "rootfs" {
+		args = args[1:]
+	}
+	fl := flag.NewFlagSet("dupsnap-rootfs", flag.ExitOnError)
+	config := fl.String("config", "", "rootfs config file (JSON, required)")
+	logLevel := fl.String("log-level", "info", "log level: trace, debug, info, warn, error")
+	fl.Parse(args)
+	if err := run(*config, *logLevel); err != nil {
+		fmt.Fprintln(os.Stderr, "dupsnap-rootfs:", err)
+		os.Exit(1)
+	}
+}
+
+func run(config, logLevel string) error {
+	if config == "" {
+		return fmt.Errorf("--config is required")
+	}
+	l, err := logrus.ParseLevel(logLevel)
+	if err != nil {
+		return fmt.Errorf("bad --log-level %q: %w", logLevel, err)
+	}
+	logrus.SetLevel(l)
+	logrus.SetFormatter(&logrus.TextFormatter{FullTimestamp: true})
+	cfg, err := rootfs.LoadConfig(config)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	return rootfs.Serve(ctx, cfg)
+}

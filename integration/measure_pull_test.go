@@ -94,6 +94,7 @@ func TestMeasurePull(t *testing.T) {
 			el := pullAll(sn)
 			if sn == "dupsnap" {
 				tDup = append(tDup, el)
+				waitTrash(t, d.Root)
 				duDup = duBytes(t, d.Root)
 			} else {
 				tOvl = append(tOvl, el)
@@ -145,6 +146,19 @@ func measureImages(t *testing.T) []v1.Image {
 	}
 	extra := layer([]harness.File{{Path: "etc/extra", Data: []byte("extra\n")}})
 	return []v1.Image{img(bl, dl), img(bl, layer(harness.Relocate(data, "opt/copy"))), img(bl, dl, extra)}
+}
+
+// waitTrash waits (bounded) until dupsnap has deleted, in the background,
+// the staging dirs of committed unpacks: disk is measured settled.
+func waitTrash(t *testing.T, root string) {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if des, err := os.ReadDir(filepath.Join(root, "trash")); err != nil || len(des) == 0 {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Log("trash not empty after 30s")
 }
 
 func duBytes(t *testing.T, dir string) int64 {

@@ -114,6 +114,10 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			log.G(ctx).WithError(err).Warn("stopping rootfs after commit")
 		}
 	}
+	if mode == modeUnpack {
+		// Thousands of staging names to unlink: not on the pull's path.
+		s.trash(ctx, p.upper())
+	}
 	for _, d := range []string{p.upper(), p.work(), p.lowerDir(), p.mnt(), p.state(), p.staged(), p.ingesting()} {
 		if err := removeDir(d); err != nil {
 			log.G(ctx).WithError(err).WithField("path", d).Warn("cleaning committed snapshot")

@@ -69,6 +69,9 @@ type Snapshotter struct {
 	// exclusively, so it never deletes a manifest that is about to be used.
 	gcMu sync.RWMutex
 
+	trashMu sync.Mutex     // one background delete at a time (trash.go)
+	bg      sync.WaitGroup // background deletes, waited for by Close
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -116,6 +119,7 @@ func New(ctx context.Context, cfg Config) (*Snapshotter, error) {
 		return nil, err
 	}
 	s := &Snapshotter{cfg: cfg, root: root, ms: ms, cas: c, layers: ls}
+	s.emptyTrash(ctx)
 	if err := s.recover(ctx); err != nil {
 		s.Close()
 		return nil, err
@@ -235,6 +239,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 // containers must survive a restart or upgrade of the daemon.
 func (s *Snapshotter) Close() error {
 	s.closeOnce.Do(func() {
+		s.bg.Wait()
 		s.closeErr = s.ms.Close()
 		if err := s.cas.Close(); err != nil && s.closeErr == nil {
 			s.closeErr = err

@@ -117,7 +117,7 @@ func versionedImages(t *testing.T, n int, runtimeBytes int64) []v1.Image {
 	return out
 }
 
-var phaseRE = regexp.MustCompile(`(objects|needed_objects|needed_bytes|took|t_manifest|t_objects|t_verify|t_commit)=(\S+)`)
+var phaseRE = regexp.MustCompile(`(objects|needed_objects|needed_bytes|took|t_manifest|t_objects|t_verify|t_commit|t_prefetch|prefetch_wire)=(\S+)`)
 
 // logPhases prints the per-layer phase times from dupsnap's log.
 func logPhases(t *testing.T, logFile string) {

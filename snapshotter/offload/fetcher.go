@@ -48,6 +48,11 @@ type Fetcher struct {
 
 	layers singleflight.Group
 
+	// Prefetch (prefetch.go): under mu.
+	pre    map[digest.Digest]*prefetched   // by layer blob digest
+	known  map[digest.Digest]digest.Digest // blob digest -> diffID of layers stored
+	preSem chan struct{}
+
 	stagingOnce sync.Once
 	staging     *cas.Store
 	stagingErr  error
@@ -71,6 +76,9 @@ func New(ctx context.Context, cfg Config) (*Fetcher, error) {
 		hosts:   hostsFunc(ctx, cfg.HostsDir),
 		clients: map[string]*http.Client{},
 		objs:    map[digest.Digest]*objState{},
+		pre:     map[digest.Digest]*prefetched{},
+		known:   map[digest.Digest]digest.Digest{},
+		preSem:  make(chan struct{}, prefetchParallel),
 	}
 	if cfg.ContainerdAddress != "" {
 		f.src = newSourceFinder(cfg.ContainerdAddress, cfg.ContainerdNamespace)
@@ -182,12 +190,27 @@ func (f *Fetcher) fetch(ctx context.Context, labels map[string]string, diffID di
 		c := client.New(tg.url, tg.http)
 		c.Namespace, c.Authorization = tg.ns, tg.auth
 		c.Parallel, c.BatchSize = f.cfg.Parallel, f.cfg.BatchSize
-		var l *client.Layer
+		var (
+			l     *client.Layer
+			fresh bool // l fetched here, not by a prefetch
+		)
 		t0 := time.Now()
 		if r.layer != "" {
-			l, err = c.LayerManifest(ctx, r.repo, r.layer)
+			f.startPrefetch(ctx, labels, c, r, layers)
+			var p *prefetched
+			if p, err = f.takePrefetch(ctx, r.layer, nil); p != nil {
+				// Its claims keep the staged objects until this pull has its own.
+				defer f.release(p.need, f.staging)
+				st.addPrefetch(p.st)
+				l = p.l
+			}
+			if l == nil && err == nil {
+				l, err = c.LayerManifest(ctx, r.repo, r.layer)
+				fresh = true
+			}
 		} else {
 			l, err = c.LayerManifestByDiffID(ctx, r.repo, diffID)
+			fresh = true
 		}
 		if err != nil {
 			lastErr = err
@@ -196,8 +219,10 @@ func (f *Fetcher) fetch(ctx context.Context, labels map[string]string, diffID di
 			}
 			return st, err
 		}
-		st.manifestBytes += l.WireBytes
-		st.tManifest += time.Since(t0)
+		if fresh {
+			st.manifestBytes += l.WireBytes
+			st.tManifest += time.Since(t0)
+		}
 		// The proxy must describe the layer the verified config names.
 		if l.DiffID != diffID || l.Manifest.DiffID != diffID {
 			return st, fmt.Errorf("%w: dupproxy answered diffID %s for %s", ErrCorrupt, l.DiffID, diffID)
@@ -233,6 +258,26 @@ func (f *Fetcher) pull(ctx context.Context, c *client.Client, repo string, l *cl
 	if err != nil {
 		return fmt.Errorf("offload: staging store: %w", err)
 	}
+	t0 := time.Now()
+	defer func() { st.tObjects = time.Since(t0) - st.tVerify - st.tCommit }()
+	need, err := f.stage(ctx, c, repo, l, node, stg, st)
+	defer f.release(need, stg)
+	if err != nil {
+		return err
+	}
+	if err := f.verifyAndStore(ctx, l, union{node, stg}, layers, st); err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.known[l.Digest] = l.DiffID
+	f.mu.Unlock()
+	return nil
+}
+
+// stage brings every object of l the node lacks into staging, fetching
+// those nobody else is fetching. It returns the objects it claimed; the
+// caller releases them (also on error) once the layer is done with them.
+func (f *Fetcher) stage(ctx context.Context, c *client.Client, repo string, l *client.Layer, node, stg *cas.Store, st *stats) ([]digest.Digest, error) {
 	sizes := l.Manifest.ObjectSizes()
 	var need []digest.Digest
 	for _, d := range l.Manifest.Objects() {
@@ -244,7 +289,6 @@ func (f *Fetcher) pull(ctx context.Context, c *client.Client, repo string, l *cl
 	st.objects = len(l.Manifest.Objects())
 	st.needed = len(need)
 	mine, others := f.claim(need)
-	defer f.release(need, stg)
 
 	fetchInto := func(want []digest.Digest) error {
 		if len(want) == 0 {
@@ -262,12 +306,10 @@ func (f *Fetcher) pull(ctx context.Context, c *client.Client, repo string, l *cl
 		}
 		return b.Commit(ctx)
 	}
-	t0 := time.Now()
-	defer func() { st.tObjects = time.Since(t0) - st.tVerify - st.tCommit }()
-	err = fetchInto(mine)
+	err := fetchInto(mine)
 	f.finish(mine)
 	if err != nil {
-		return err
+		return need, err
 	}
 	// Objects another layer's fetch claimed: wait, then take what it failed to get.
 	var retry []digest.Digest
@@ -275,16 +317,13 @@ func (f *Fetcher) pull(ctx context.Context, c *client.Client, repo string, l *cl
 		select {
 		case <-o.done:
 		case <-ctx.Done():
-			return ctx.Err()
+			return need, ctx.Err()
 		}
 		if !node.Has(d) && !stg.Has(d) {
 			retry = append(retry, d)
 		}
 	}
-	if err := fetchInto(retry); err != nil {
-		return err
-	}
-	return f.verifyAndStore(ctx, l, union{node, stg}, layers, st)
+	return need, fetchInto(retry)
 }
 
 // claim registers interest in need: objects nobody is fetching are mine

@@ -53,6 +53,9 @@ type stats struct {
 	// Phase times, for the measurement log line (DUPSNAP_MEASURE in
 	// integration/offload_test.go reads them).
 	tManifest, tObjects, tVerify, tCommit time.Duration
+	// Staged ahead by a prefetch (counted in the metrics when spent).
+	prefetchWire int64
+	tPrefetch    time.Duration
 }
 
 // result names the outcome of a fetch for metrics and logs.
@@ -101,6 +104,8 @@ func (f *Fetcher) account(ctx context.Context, st stats, err error, took time.Du
 		"t_objects":      st.tObjects,
 		"t_verify":       st.tVerify,
 		"t_commit":       st.tCommit,
+		"t_prefetch":     st.tPrefetch,
+		"prefetch_wire":  st.prefetchWire,
 	})
 	switch res {
 	case "fetched":

@@ -74,4 +74,3 @@ func (f *Fetcher) verifyAndStore(ctx context.Context, l *client.Layer, src union
 	log.G(ctx).WithField("entries", len(l.Manifest.Entries)).Debug("offload: layer verified and stored")
 	return nil
 }
-

@@ -44,6 +44,43 @@ const (
 	disk6  = "node disk incl. content store, image set"
 )
 
+type rowDef struct {
+	issue            int
+	name, unit, base string
+	goal             func(*Result)
+}
+
+// nodeRows are every row the node benchmarks produce.
+var nodeRows = []rowDef{
+	{3, seqF, "MB/s", "overlayfs", ratioGoal(">=", 0.95)},
+	{3, seqB, "MB/s", "overlayfs", ratioGoal(">=", 0.95)},
+	{3, randB, "MB/s", "overlayfs", ratioGoal(">=", 0.9)},
+	{3, stat3, "files/s", "overlayfs", ratioGoal(">=", 0.7)},
+	{3, start3, "s", "overlayfs", ratioGoal("<=", 1.2)},
+	{3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1)},
+	{3, disk3, "MiB", "overlayfs snapshot dirs", ratioGoal("<=", 0.6)},
+	{4, ow4, "ms", "overlayfs", ratioGoal("<=", 0.02)},
+	{4, owDisk, "MiB", "overlayfs", absGoal("<=", 1, "MiB")},
+	{4, rw4, "writes/s", "overlayfs", ratioGoal(">=", 1.0)},
+	{4, crt4, "MB/s", "overlayfs", ratioGoal(">=", 0.8)},
+	{4, modSeq, "MB/s", "overlayfs", ratioGoal(">=", 0.8)},
+	{4, modRnd, "MB/s", "overlayfs", ratioGoal(">=", 0.8)},
+	{4, rss4, "MiB", "", absGoal("<=", 16, "MiB")},
+	{6, pull6, "s", "overlayfs from the plain registry", ratioGoal("<=", 0.5)},
+	{6, wire6, "MiB", "overlayfs pull: the compressed blobs", ratioGoal("<=", 0.7)},
+	{6, disk6, "MiB", "overlayfs snapshots + content store", ratioGoal("<=", 0.5)},
+}
+
+// naNode marks the node row name n/a with its proper unit and goal.
+func naNode(rs *Results, name, reason string) {
+	for _, r := range nodeRows {
+		if r.name == name {
+			rs.NA(r.issue, r.name, r.unit, r.base, r.goal, reason)
+			return
+		}
+	}
+}
+
 // pullSteps keeps the per-image disk curve of the first repetition, for the plot.
 var pullSteps = map[string][]stack.PullStep{}
 
@@ -52,7 +89,10 @@ func benchNodes(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier,
 		err := stack.Do(t, fmt.Sprintf("rep%d", rep+1), func(t *stack.T) { nodeRep(ctx, t, rs, rt, filepath.Join(top, fmt.Sprintf("r%d", rep+1)), p, rep) })
 		if err != nil {
 			t.Logf("  rep %d: %v", rep+1, err)
-			rs.NA(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), "rep failed: "+firstLine(err.Error()))
+			// Rows this repetition did not reach still show up, as n/a.
+			for _, r := range nodeRows {
+				naNode(rs, r.name, "rep failed: "+firstLine(err.Error()))
+			}
 		}
 		if ctx.Err() != nil {
 			return
@@ -71,7 +111,7 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 	t.Cleanup(func() { stack.SaveLogs(dir+"a", filepath.Join(p.logs, filepath.Base(dir)+"a")) })
 	if n.D == nil {
 		for _, name := range []string{pull6, wire6, disk6} {
-			rs.NA(6, name, "", "", nil, "dupsnap not running: "+n.DupErr)
+			naNode(rs, name, "dupsnap not running: "+n.DupErr)
 		}
 	}
 	res := map[string]stack.PullResult{}
@@ -94,7 +134,7 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 	if n.D != nil {
 		if dup.Err != "" {
 			for _, name := range []string{pull6, wire6, disk6} {
-				rs.NA(6, name, "", "", nil, dup.Err)
+				naNode(rs, name, dup.Err)
 			}
 		} else {
 			note := ""
@@ -128,13 +168,13 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 	o, d := out["overlayfs"], out["dupsnap"]
 	addBoth := func(issue int, name, unit string, goal func(*Result), key string) {
 		if d == nil {
-			rs.NA(issue, name, unit, "overlayfs", goal, "dupsnap not running: "+n.DupErr)
+			naNode(rs, name, "dupsnap not running: "+n.DupErr)
 			return
 		}
 		dv, okd := d[key]
 		ov, oko := o[key]
 		if !okd || !oko {
-			rs.NA(issue, name, unit, "overlayfs", goal, "not measured: "+errOf(d, o))
+			naNode(rs, name, "not measured: "+errOf(d, o))
 			return
 		}
 		rs.Add(issue, name, unit, "overlayfs", goal, dv, ov)
@@ -151,12 +191,12 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 	addBoth(4, modSeq, "MB/s", ratioGoal(">=", 0.8), "mod_seq_mbps")
 	addBoth(4, modRnd, "MB/s", ratioGoal(">=", 0.8), "mod_rand_mbps")
 	if d == nil {
-		rs.NA(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), "dupsnap not running: "+n.DupErr)
+		naNode(rs, rss4, "dupsnap not running: "+n.DupErr)
 	} else {
 		if v, ok := d["rss_mib"]; ok {
 			rs.Add(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), v, -1)
 		} else {
-			rs.NA(4, rss4, "MiB", "", absGoal("<=", 16, "MiB"), "no rootfs server process found")
+			naNode(rs, rss4, "no rootfs server process found")
 		}
 	}
 	rs.Note(4, ow4, "goal: >= 50x faster than overlayfs copy-up")
@@ -169,14 +209,14 @@ func nodeRep(ctx context.Context, t *stack.T, rs *Results, rt *stack.RegTier, di
 	n2 := stack.StartNode(ctx, t, dir+"b", rt, false)
 	t.Cleanup(func() { stack.SaveLogs(dir+"b", filepath.Join(p.logs, filepath.Base(dir)+"b")) })
 	if n2.D == nil {
-		rs.NA(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), "dupsnap not running: "+n2.DupErr)
-		rs.NA(3, disk3, "MiB", "overlayfs snapshot dirs", ratioGoal("<=", 0.6), "dupsnap not running: "+n2.DupErr)
+		naNode(rs, pull3, "dupsnap not running: "+n2.DupErr)
+		naNode(rs, disk3, "dupsnap not running: "+n2.DupErr)
 		return
 	}
 	plain := n2.PullAll(ctx, "dupsnap", p.set, logf)
 	if plain.Err != "" {
-		rs.NA(3, pull3, "s", "overlayfs", ratioGoal("<=", 1.1), plain.Err)
-		rs.NA(3, disk3, "MiB", "overlayfs snapshot dirs", ratioGoal("<=", 0.6), plain.Err)
+		naNode(rs, pull3, plain.Err)
+		naNode(rs, disk3, plain.Err)
 		return
 	}
 	if rep == 0 {

@@ -107,27 +107,38 @@ func writeReport(dir string, r Report) error {
 	}
 	var plots []string
 	if len(r.Pulls) > 0 {
-		var ss []series
-		i := 0
-		for _, name := range []string{"overlayfs (offload)", "dupsnap (offload)", "dupsnap (no offload)"} {
-			steps, ok := r.Pulls[name]
-			if !ok {
-				continue
+		curve := func(file, what string, y func(stack.PullStep) float64) {
+			var ss []series
+			i := 0
+			for _, name := range []string{"overlayfs (offload)", "dupsnap (offload)", "dupsnap (no offload)"} {
+				steps, ok := r.Pulls[name]
+				if !ok {
+					continue
+				}
+				s := series{name: name, col: palette[i%len(palette)]}
+				acc := 0.0
+				for _, st := range steps {
+					acc = y(st) + acc*boolf(what == "time")
+					s.ys = append(s.ys, acc)
+				}
+				ss = append(ss, s)
+				i++
 			}
-			s := series{name: name, col: palette[i%len(palette)]}
-			for _, st := range steps {
-				s.ys = append(s.ys, float64(st.SnapDisk+st.ContentDisk)/(1<<20))
+			if err := plotLines(filepath.Join(dir, file), ss); err != nil {
+				return
 			}
-			ss = append(ss, s)
-			i++
-		}
-		if err := plotLines(filepath.Join(dir, "disk.png"), ss); err == nil {
 			var leg []string
 			for _, s := range ss {
 				leg = append(leg, fmt.Sprintf("%s = %s", colorName(s.col), strings.Replace(s.name, "overlayfs (offload)", "overlayfs", 1)))
 			}
-			plots = append(plots, fmt.Sprintf("![node disk](disk.png)\n\nNode disk used (MiB, snapshots + content store) after each image of the set is pulled (x: images pulled), first repetition: %s.\n", strings.Join(leg, ", ")))
+			title := "Node disk used (MiB, snapshots + content store) after each image of the set is pulled"
+			if what == "time" {
+				title = "Cumulative pull time (s) as the images of the set are pulled one by one"
+			}
+			plots = append(plots, fmt.Sprintf("![%s](%s)\n\n%s (x: images pulled), first repetition: %s.\n", what, file, title, strings.Join(leg, ", ")))
 		}
+		curve("disk.png", "disk", func(st stack.PullStep) float64 { return float64(st.SnapDisk+st.ContentDisk) / (1 << 20) })
+		curve("pull.png", "time", func(st stack.PullStep) float64 { return st.Time.Seconds() })
 	}
 	var b strings.Builder
 	m := r.Machine
@@ -274,4 +285,11 @@ func sortStrings(s []string) {
 			s[j], s[j-1] = s[j-1], s[j]
 		}
 	}
+}
+
+func boolf(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -281,9 +281,6 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 	}
 	if c.up {
 		ref, isCow := n.r.cowRefOf(&c, p)
-		if isCow && c.st.Nlink <= 1 {
-			n.r.pinVictim(n.GetChild(name), n.r.upperPath(p))
-		}
 		var err error
 		if dir {
 			err = os.RemoveAll(n.r.upperPath(p)) // holds whiteouts at most

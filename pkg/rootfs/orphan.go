@@ -3,6 +3,7 @@ package rootfs
 import (
 	"context"
 	"syscall"
+	"time"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -10,13 +11,19 @@ import (
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
-// A node the kernel still holds can lose its last name to a rename-over or
-// unlink between the kernel's LOOKUP and its OPEN (a reader opening a file
-// that a writer keeps replacing with `mv tmp file`). On a local fs the open
-// gets the old inode; here the old file must still exist for that: so the
-// region file of such a node is pinned (its placeholder open, which also
-// keeps its host inode number from being reused by the next create while
-// the kernel knows it) until the kernel forgets the node.
+// A node the kernel still holds can lose its last name to a rename-over
+// between the kernel's LOOKUP and its OPEN (a reader opening a file that a
+// writer keeps replacing with `mv tmp file`). On a local fs the open gets
+// the old inode; here the old file must still exist for that: so the
+// region file of a renamed-over node is pinned (its placeholder open, which
+// also keeps its host inode number from being reused by the next create
+// while the kernel knows it) until the kernel forgets the node, or pinHold
+// passed (the race is that short; the space must come back soon: quota).
+// Unlink pins nothing: its space is free at once, and an open racing with
+// it fails ESTALE, then ENOENT after the kernel's fresh lookup.
+
+// pinHold bounds how long a pin may delay freeing the region file.
+const pinHold = time.Second
 
 var _ = (fs.NodeOnForgetter)((*node)(nil))
 
@@ -38,7 +45,13 @@ func (r *rootFS) pinVictim(victim *fs.Inode, up string) {
 	}
 	if !vn.pinned.CompareAndSwap(nil, ci) {
 		r.release(ci)
+		return
 	}
+	time.AfterFunc(pinHold, func() {
+		if vn.pinned.CompareAndSwap(ci, nil) {
+			r.release(ci)
+		}
+	})
 }
 
 // OnForget drops the pin: the kernel no longer knows this node.

@@ -97,6 +97,13 @@ func mountOptions(cfg Config) *fs.Options {
 			MaxWrite:     1 << 20,
 			DirectMount:  true,
 			Debug:        cfg.Debug,
+			// Every change of file data goes through this mount (image
+			// content never changes; region files change only here), so
+			// the page cache stays valid when mtime or size move: without
+			// this the lazy mtime update of a written region file made the
+			// kernel drop all its cached pages at the next getattr, and
+			// the first read after a write ran at daemon speed.
+			ExplicitDataCacheControl: true,
 			// Passthrough is negotiated by go-fuse when the kernel offers
 			// it (CAP_PASSTHROUGH) and used for handles with PassthroughFd.
 		},

@@ -5,6 +5,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Forwarder is a TCP relay that counts the bytes each way: put in front of
@@ -60,11 +61,15 @@ func (f *Forwarder) serve() {
 		go func() {
 			defer f.wg.Done()
 			defer func() { f.mu.Lock(); delete(f.conns, c); f.mu.Unlock(); c.Close() }()
-			u, err := net.Dial("tcp", target)
+			u, err := net.DialTimeout("tcp", target, 10*time.Second)
 			if err != nil {
 				return
 			}
-			defer u.Close()
+			// Tracked too, so that Close never waits on a silent upstream.
+			f.mu.Lock()
+			f.conns[u] = true
+			f.mu.Unlock()
+			defer func() { f.mu.Lock(); delete(f.conns, u); f.mu.Unlock(); u.Close() }()
 			done := make(chan struct{})
 			go func() {
 				n, _ := io.Copy(u, c)

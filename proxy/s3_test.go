@@ -27,7 +27,7 @@ func TestS3Backend(t *testing.T) {
 	weed := s3test.Start(t)
 	var nb atomic.Int64
 	newBucket := func(t testing.TB) s3store.Config {
-		return weed.Bucket(t, fmt.Sprintf("b%d", nb.Add(1)))
+		return weed.Bucket(t, fmt.Sprintf("dupproxy-%d", nb.Add(1)))
 	}
 	storage := func(c s3store.Config) proxy.StorageConfig {
 		return proxy.StorageConfig{Type: "s3", S3: c, LeaseTTL: proxy.Duration(3 * time.Second)}

@@ -24,7 +24,8 @@ import (
 // reps (default 3) with images removed and GC run between reps, and prints
 // medians, the ratio and node disk. Gated: a measurement, not a check
 // (DUPSNAP_MEASURE=1; DUPSNAP_MEASURE_UNPACKS sets max_concurrent_unpacks,
-// default the harness's).
+// default the harness's; DUPSNAP_MEASURE_MB the data layer's size, default
+// 48; DUPSNAP_MEASURE_KEEP a dir to copy the daemons' logs to).
 func TestMeasurePull(t *testing.T) {
 	if os.Getenv("DUPSNAP_MEASURE") == "" {
 		t.Skip("measurement; set DUPSNAP_MEASURE=1")
@@ -105,6 +106,14 @@ func TestMeasurePull(t *testing.T) {
 		}
 	}
 	logCommitPhases(t, d.LogFile)
+	if keep := os.Getenv("DUPSNAP_MEASURE_KEEP"); keep != "" {
+		// Logs for a closer look (the test dir goes at cleanup).
+		for _, f := range []string{d.LogFile, c.LogFile} {
+			if b, err := os.ReadFile(f); err == nil {
+				os.WriteFile(filepath.Join(keep, filepath.Base(f)), b, 0o644)
+			}
+		}
+	}
 	md, mo := median(tDup), median(tOvl)
 	t.Logf("MEASURE pull+unpack of %d images (max_concurrent_unpacks %d, %d reps): dupsnap %v %v vs overlayfs %v %v: %.2fx (goal <= 1.1x)",
 		len(refs), map[bool]int{true: unpacks, false: harness.DefaultConcurrentUnpacks}[unpacks > 0], reps, md.Round(time.Millisecond), tDup, mo.Round(time.Millisecond), tOvl, float64(md)/float64(mo))

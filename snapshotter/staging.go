@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
 
 	"github.com/dupsnap/dupsnap/pkg/cas"
 	"github.com/dupsnap/dupsnap/pkg/layout"
@@ -40,6 +41,20 @@ func (s *Snapshotter) ingestStaging(ctx context.Context, snap storage.Snapshot, 
 		return "", u, err
 	}
 	f.Close()
+	if !s.cfg.NoSync {
+		// The applier's data must reach the disk before Commit returns:
+		// start that now, so the device writes while FromDir hashes and
+		// the batch's own syncfs finds little left to do.
+		if fd, err := unix.Open(p.upper(), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0); err == nil {
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				unix.Syncfs(fd)
+				unix.Close(fd)
+			}()
+			defer func() { <-done }()
+		}
+	}
 	return s.ingest(ctx, ph, func(b *cas.Batch) (*layout.Manifest, error) {
 		return layout.FromDirWith(ctx, b, p.upper(), layout.DirOptions{Adopt: true, SkipDir: skip})
 	})

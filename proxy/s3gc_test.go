@@ -62,7 +62,7 @@ func testS3GCWhileServing(t *testing.T, st proxy.StorageConfig) {
 				runs++
 				freed += rep.Objects
 				mu.Unlock()
-				time.Sleep(50 * time.Millisecond)
+				time.Sleep(300 * time.Millisecond) // let ingests in (GC is writer-preferring)
 			}
 		}()
 	}

@@ -21,8 +21,10 @@ import (
 // (needs read-after-write consistent listings, which S3 and SeaweedFS give):
 //
 //	ingest: put lease-X; if a live gc-* exists: delete lease-X, wait, retry.
-//	gc:     put gc-Y; if another live gc-* exists: delete gc-Y, back off;
-//	        else wait until no live lease-* is left, keeping gc-Y.
+//	gc:     put gc-Y; wait until no live lease-* is left, keeping gc-Y.
+//
+// Two sweeps may run at once: each reads complete roots (no ingest runs)
+// and deletes are idempotent, so GCs need not exclude each other.
 type bucketLocks struct {
 	b   *s3store.Bucket
 	ttl time.Duration
@@ -128,45 +130,33 @@ func (l *bucketLocks) Lease(ctx context.Context) (func(), error) {
 
 // Exclusive is taken by a GC sweep; it gives up after a few ttl so a busy
 // store delays collection rather than blocking it forever.
+// (Writer-preferring: sweeps back to back would starve ingests; periodic GC
+// runs every gc_interval.)
 func (l *bucketLocks) Exclusive(ctx context.Context) (func(), error) {
 	key := "locks/gc-" + randID()
 	deadline := time.Now().Add(3 * l.ttl)
-	for wait := 100 * time.Millisecond; ; wait = min(2*wait, 2*time.Second) {
-		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("bucket busy: ingests or another GC held it for %s", 3*l.ttl)
-		}
-		if err := l.put(ctx, key); err != nil {
-			return nil, fmt.Errorf("taking gc lock: %w", err)
-		}
+	if err := l.put(ctx, key); err != nil {
+		return nil, fmt.Errorf("taking gc lock: %w", err)
+	}
+	release := l.hold(ctx, key)
+	// Keep our gc object (new ingests wait) until running ingests finish.
+	for wait := 50 * time.Millisecond; ; wait = min(2*wait, time.Second) {
 		st, err := l.state(ctx)
 		if err != nil {
-			_ = l.b.Delete(context.WithoutCancel(ctx), key)
+			release()
 			return nil, fmt.Errorf("taking gc lock: %w", err)
 		}
-		if len(st.gcs) > 1 {
-			_ = l.b.Delete(context.WithoutCancel(ctx), key)
-			if err := sleepCtx(ctx, jitter(4*wait)); err != nil {
-				return nil, err
-			}
-			continue
+		if len(st.leases) == 0 {
+			return release, nil
 		}
-		release := l.hold(ctx, key)
-		// Keep our gc object (new ingests wait) until running ingests finish.
-		for len(st.leases) > 0 {
-			if time.Now().After(deadline) {
-				release()
-				return nil, fmt.Errorf("bucket busy: %d ingest(s) still running after %s", len(st.leases), 3*l.ttl)
-			}
-			if err := sleepCtx(ctx, jitter(wait)); err != nil {
-				release()
-				return nil, err
-			}
-			if st, err = l.state(ctx); err != nil {
-				release()
-				return nil, err
-			}
+		if time.Now().After(deadline) {
+			release()
+			return nil, fmt.Errorf("bucket busy: %d ingest(s) still running after %s", len(st.leases), 3*l.ttl)
 		}
-		return release, nil
+		if err := sleepCtx(ctx, jitter(wait)); err != nil {
+			release()
+			return nil, err
+		}
 	}
 }
 

@@ -140,7 +140,7 @@ func (s *Server) recipeWorker() {
 // exportPipe streams the layer's uncompressed tar from the store.
 func (s *Server) exportPipe(ctx context.Context, m *layout.Manifest) io.ReadCloser {
 	pr, pw := io.Pipe()
-	go func() { pw.CloseWithError(layout.Export(ctx, s.files, m, pw)) }()
+	go func() { pw.CloseWithError(layout.Export(ctx, s.exportSource(ctx, m), m, pw)) }()
 	return pr
 }
 
@@ -184,7 +184,17 @@ func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 }
 
 func exportTo(ctx context.Context, s *Server, m *layout.Manifest, w io.Writer) error {
-	return layout.Export(ctx, s.files, m, w)
+	return layout.Export(ctx, s.exportSource(ctx, m), m, w)
+}
+
+// exportSource reads m's objects ahead when the backend is remote.
+func (s *Server) exportSource(ctx context.Context, m *layout.Manifest) layout.Source {
+	if p, ok := s.files.(interface {
+		Prefetch(context.Context, *layout.Manifest) layout.Source
+	}); ok {
+		return p.Prefetch(ctx, m)
+	}
+	return s.files
 }
 
 // localBlob returns a retained blob as a local file for detection, which

@@ -158,15 +158,20 @@ func testS3KillMidIngest(t *testing.T, st proxy.StorageConfig) {
 	}
 	t.Logf("fsck:\n%s", out)
 
-	// The other replica serves the image; GC works once the dead lease expires.
+	// GC on another replica waits out the dead lease and collects the debris;
+	// then that replica serves the image (ingesting it again).
 	b := proxytest.StartProxy(t, proxy.Config{Upstream: up.URL, Storage: st, GCGrace: proxy.Duration(time.Millisecond)})
-	if err := tryPull(b.Host, img); err != nil {
-		t.Fatal(err)
-	}
+	start := time.Now()
 	rep, err := b.GC(ctx)
 	if err != nil {
 		t.Fatalf("gc after kill: %v", err)
 	}
-	t.Logf("gc after kill: %+v", rep)
+	t.Logf("gc after kill (took %s, dead lease ttl %s): %+v", time.Since(start).Round(time.Millisecond), time.Duration(st.LeaseTTL), rep)
+	if rep.Objects < objects {
+		t.Fatalf("gc freed %d objects, want the %d the killed ingest left", rep.Objects, objects)
+	}
+	if err := tryPull(b.Host, img); err != nil {
+		t.Fatal(err)
+	}
 	checkStore(t, b.Server)
 }

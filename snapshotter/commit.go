@@ -24,6 +24,7 @@ import (
 // not depend on their parent.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) (retErr error) {
 	defer observe("commit", time.Now())
+	ph := phases{last: time.Now()}
 	ctx = logKey(ctx, key)
 	var (
 		snap storage.Snapshot
@@ -49,8 +50,10 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 	}
 
+	ph.mark("info")
 	s.gcMu.RLock()
 	defer s.gcMu.RUnlock()
+	ph.mark("gc-lock")
 
 	p := s.paths(snap.ID)
 	mode := s.modeOf(snap.ID)
@@ -58,7 +61,6 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		mkey  digest.Digest
 		usage snapshots.Usage
 		err   error
-		ph    = phases{last: time.Now()}
 	)
 	switch mode {
 	case modeStaged:

@@ -38,6 +38,7 @@ func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 
 func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, retErr error) {
 	ctx = logKey(ctx, key)
+	ph := phases{last: time.Now()}
 	var base snapshots.Info
 	for _, o := range opts {
 		if err := o(&base); err != nil {
@@ -78,6 +79,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}
 
+	ph.mark("lookup")
 	var (
 		snap storage.Snapshot
 		info snapshots.Info
@@ -104,6 +106,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}()
 
+	ph.mark("metastore")
 	// Servers start outside the metadata transaction so that one slow mount
 	// does not hold the database for everybody.
 	switch mode {
@@ -133,7 +136,9 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 	}
-	log.G(ctx).WithField("id", snap.ID).WithField("parent", parent).WithField("mode", mode).Debug("snapshot created")
+	ph.mark("servers")
+	log.G(ctx).WithField("id", snap.ID).WithField("parent", parent).WithField("mode", mode).
+		WithField("phases", ph.String()).Debug("snapshot created")
 	return s.mounts(snap, info), nil
 }
 

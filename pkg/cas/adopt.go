@@ -62,37 +62,50 @@ func (b *Batch) AdoptFile(ctx context.Context, f *os.File, tee io.Writer) (diges
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		return "", 0, fmt.Errorf("cas: adopt %s: not a regular file", f.Name())
 	}
-	t := &tempObj{name: b.s.newTempName(), fd: -1}
-	// Link first: the temp name pins the inode, and EXDEV tells early that
-	// the file is elsewhere (then it is copied).
+	// Hash first: content the store or the batch has already (a layer
+	// repeating files of another) costs no link and no metadata change.
+	d, n, err := hashTee(f, tee)
+	if err != nil {
+		return "", 0, fmt.Errorf("cas: adopt %s: read: %w", f.Name(), err)
+	}
+	if b.present(d) {
+		return d, n, nil
+	}
+	t := &tempObj{name: b.s.newTempName(), hex: d.Encoded(), fd: -1}
+	b.mu.Lock()
+	if _, ok := b.pending[d]; ok {
+		b.mu.Unlock()
+		return d, n, nil
+	}
+	b.pending[d] = t // claimed: a concurrent adopt of the same content drops its file
+	b.mu.Unlock()
+	// The temp name pins the inode; the object gets its name at Commit.
 	if err := b.s.linkFd(fd, t.name); err != nil {
+		b.mu.Lock()
+		delete(b.pending, d)
+		b.mu.Unlock()
 		if errors.Is(err, unix.EXDEV) || errors.Is(err, unix.EMLINK) || errors.Is(err, unix.EPERM) {
-			return b.putCopy(ctx, f, tee)
+			// Not linkable (another filesystem): copy, verified against d.
+			// The tee has had the bytes already.
+			return d, n, b.putCopyExpected(ctx, f, d)
 		}
 		return "", 0, fmt.Errorf("cas: adopt %s: %w", f.Name(), err)
 	}
 	b.mu.Lock()
 	b.linked = append(b.linked, t)
 	b.mu.Unlock()
-	if err := normalize(fd); err != nil {
+	if err := normalize(fd, &st); err != nil {
 		return "", 0, fmt.Errorf("cas: adopt %s: %w", f.Name(), err)
 	}
-
-	d, n, err := hashTee(f, tee)
-	if err != nil {
-		return "", 0, fmt.Errorf("cas: adopt %s: read: %w", f.Name(), err)
-	}
-	t.hex = d.Encoded()
-	if b.present(d) {
-		return d, n, nil // the temp link goes at Commit/Abort
-	}
 	b.mu.Lock()
-	if _, ok := b.pending[d]; !ok {
-		b.pending[d] = t
-		b.order = append(b.order, t)
-	}
+	b.order = append(b.order, t)
 	b.mu.Unlock()
 	return d, n, nil
+}
+
+func (b *Batch) putCopyExpected(ctx context.Context, f *os.File, d digest.Digest) error {
+	_, err := b.PutExpected(ctx, d, io.NewSectionReader(f, 0, 1<<62))
+	return err
 }
 
 func (b *Batch) putCopy(ctx context.Context, f *os.File, tee io.Writer) (digest.Digest, int64, error) {
@@ -117,9 +130,11 @@ func (s *Store) linkFd(fd int, name string) error {
 // by root (as the objects a put writes), no xattrs (ACLs or capabilities
 // of the original file mean nothing for an object), mtime now (GC's grace
 // is counted from it, as for a freshly written object).
-func normalize(fd int) error {
-	if err := unix.Fchown(fd, 0, 0); err != nil && !errors.Is(err, unix.EPERM) {
-		return fmt.Errorf("chown: %w", err)
+func normalize(fd int, st *unix.Stat_t) error {
+	if st.Uid != 0 || st.Gid != 0 {
+		if err := unix.Fchown(fd, 0, 0); err != nil && !errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("chown: %w", err)
+		}
 	}
 	if err := unix.Fchmod(fd, objectMode); err != nil {
 		return fmt.Errorf("chmod: %w", err)
@@ -150,9 +165,13 @@ func normalize(fd int) error {
 	return nil
 }
 
+// parallelHashMin: below this a chunk is hashed and teed in the caller's
+// goroutine (a goroutine hand-off costs about as much as hashing ~8 KiB).
+const parallelHashMin = 64 << 10
+
 // hashTee hashes f and copies it to tee. The caller's tee typically hashes
-// too (a synthesised tar's digest), so for big files the two run in
-// parallel, chunk by chunk: a second core halves the latency.
+// too (a synthesised tar's digest), so for all but small files the two
+// run in parallel, chunk by chunk: a second core halves the latency.
 func hashTee(f *os.File, tee io.Writer) (digest.Digest, int64, error) {
 	h := sha256.New()
 	pb := getBuf()
@@ -166,8 +185,8 @@ func hashTee(f *os.File, tee io.Writer) (digest.Digest, int64, error) {
 			total += int64(n)
 			if tee == nil {
 				h.Write(chunk)
-			} else if n < len(*pb) && total == int64(n) {
-				h.Write(chunk) // small file: not worth a goroutine
+			} else if n < parallelHashMin {
+				h.Write(chunk) // small: not worth a goroutine
 				if _, err := tee.Write(chunk); err != nil {
 					return "", 0, err
 				}

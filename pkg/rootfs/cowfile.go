@@ -75,10 +75,12 @@ func (h *cowHandle) Write(ctx context.Context, data []byte, off int64) (uint32, 
 	return uint32(k), 0
 }
 
-func (h *cowHandle) Flush(ctx context.Context) syscall.Errno {
-	h.ci.touch()
-	return 0
-}
+// Flush answers ENOSYS: the kernel then stops sending FLUSH on this
+// connection, one daemon round trip less per close(2) of any file. Nothing
+// needs it: data is written through (no writeback cache, which would turn
+// off passthrough), and the lazy mtime update happens at the next getattr
+// or at release.
+func (h *cowHandle) Flush(ctx context.Context) syscall.Errno { return syscall.ENOSYS }
 
 func (h *cowHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	return toErrno(h.r.syncCow(h.ci))

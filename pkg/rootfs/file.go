@@ -175,7 +175,8 @@ func (h *fileHandle) Write(ctx context.Context, data []byte, off int64) (uint32,
 	return uint32(n), toErrno(err)
 }
 
-func (h *fileHandle) Flush(ctx context.Context) syscall.Errno { return 0 }
+// Flush: see cowHandle.Flush.
+func (h *fileHandle) Flush(ctx context.Context) syscall.Errno { return syscall.ENOSYS }
 
 func (h *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 	if h.data == nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -164,6 +165,16 @@ func Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
 	}
+	if !cfg.ReadOnly {
+		// Views have no region files: everything there is passthrough.
+		if err := setReadahead(cfg.Mountpoint, readaheadKiB); err != nil {
+			log.G(ctx).WithError(err).Warn("rootfs: readahead window stays at the default")
+		}
+	}
+	// Loading and merging the manifests leaves garbage several times the
+	// size of the tree; hand it back now, not at some later GC: one of
+	// these processes idles next to every container.
+	debug.FreeOSMemory()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).Info("rootfs: serving")
 	done := make(chan struct{})
 	go func() {

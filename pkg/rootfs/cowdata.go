@@ -87,17 +87,51 @@ func newCowID() uint64 {
 type cowData struct{ r *rootFS }
 
 func (c cowData) CopyUpData(ctx context.Context, dst *os.File, e *layout.Entry) error {
+	_, err := c.r.markCow(dst, e)
+	return err
+}
+
+// markCow makes the new upper file dst a region file for image entry e
+// (empty for a new file) and returns its reference.
+func (r *rootFS) markCow(dst *os.File, e *layout.Entry) (cowRef, error) {
 	ref := cowRef{id: newCowID()}
 	if e.Size > 0 {
 		ref.base, ref.baseSize = e.Digest, e.Size
 	}
 	if err := unix.Fsetxattr(int(dst.Fd()), cowXattr, []byte(ref.String()), 0); err != nil {
-		return fmt.Errorf("mark %s as region file: %w", dst.Name(), err)
+		return cowRef{}, fmt.Errorf("mark %s as region file: %w", dst.Name(), err)
 	}
-	c.r.cowMu.Lock()
-	c.r.fresh[ref.id] = struct{}{}
-	c.r.cowMu.Unlock()
-	return nil
+	r.cowMu.Lock()
+	r.fresh[ref.id] = struct{}{}
+	r.cowMu.Unlock()
+	return ref, nil
+}
+
+// acquireNew is acquire for a file Create just made (ref from markCow):
+// its open descriptor becomes the placeholder handle, which saves a path
+// lookup, an xattr read and an open per created file.
+func (r *rootFS) acquireNew(up string, ref cowRef, meta *os.File) (*cowInode, error) {
+	r.cowMu.Lock()
+	defer r.cowMu.Unlock()
+	if r.open[ref.id] != nil {
+		return nil, fmt.Errorf("rootfs: region file %x of %s already open: %w", ref.id, up, syscall.EEXIST)
+	}
+	ci := &cowInode{ref: ref, refs: 1, meta: meta}
+	ci.upath.Store(&up)
+	if _, ok := r.fresh[ref.id]; ok {
+		ci.nsDirty.Store(true)
+		delete(r.fresh, ref.id)
+	}
+	f, err := r.region.File(ref.id)
+	if errors.Is(err, cow.ErrNotExist) {
+		f, err = r.region.Create(ref.id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("rootfs: region file of %s: %w", up, err)
+	}
+	ci.f = f
+	r.open[ref.id] = ci
+	return ci, nil
 }
 
 func (cowData) Open(path string) (dataFile, error) {

@@ -130,26 +130,14 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if err != nil {
 		return nil, nil, 0, toErrno(err)
 	}
-	inRegion := n.r.region != nil && !n.r.plainNew
-	if inRegion {
-		err = n.r.data.CopyUpData(ctx, f, &layout.Entry{})
+	if n.r.region != nil && !n.r.plainNew {
+		return n.createCow(ctx, &d, dp, name, mode, f, out)
 	}
 	f.Close()
-	if err != nil {
-		os.Remove(up)
-		return nil, nil, 0, toErrno(err)
-	}
 	ch, errno := n.created(ctx, &d, dp, name, mode, out)
 	if errno != 0 {
 		os.Remove(up)
 		return nil, nil, 0, errno
-	}
-	if inRegion {
-		h, _, errno := ch.Operations().(*node).openCow(up, 0)
-		if errno != 0 {
-			return nil, nil, 0, errno
-		}
-		return ch, h, 0, 0
 	}
 	data, err := os.OpenFile(up, os.O_RDWR, 0)
 	if err != nil {

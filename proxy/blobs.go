@@ -204,6 +204,13 @@ func (s *Server) fetchBlobOnce(ctx context.Context, rc *reqCtx, d digest.Digest,
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
 		return err
 	}
+	// The blob's link was written before the fetch; the lease keeps a sweep
+	// that listed links earlier from judging the new blob.
+	release, err := s.files.Lease(ctx)
+	if err != nil {
+		return fmt.Errorf("storing blob %s: %w", d, err)
+	}
+	defer release()
 	if err := s.blobs.Put(ctx, d, n, tmp); err != nil {
 		return fmt.Errorf("storing blob %s: %w", d, err)
 	}

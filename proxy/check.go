@@ -24,7 +24,8 @@ type CheckReport struct {
 
 // Check proves the store consistent: every layout manifest's objects exist
 // and hash to their names, every layer record's manifest (and retained blob)
-// exists, and every blob hashes to its digest. It reads everything, so it
+// exists, every image's manifest is stored, and every blob hashes to its
+// digest. It reads everything, so it
 // costs a full download of an S3 store.
 func (s *Server) Check(ctx context.Context) (CheckReport, error) {
 	var rep CheckReport
@@ -91,6 +92,16 @@ func (s *Server) Check(ctx context.Context) (CheckReport, error) {
 			if _, err := s.blobs.Stat(ctx, rec.Digest); err != nil {
 				problem("layer %s: retained blob: %v", rec.Digest, err)
 			}
+		}
+	}
+	// A manifest is stored before the link that names it.
+	imgs, err := s.images(ctx)
+	if err != nil {
+		return rep, err
+	}
+	for _, im := range imgs {
+		if _, err := s.blobs.Stat(ctx, im.l.Digest); err != nil {
+			problem("image %s: stored manifest: %v", im.key, err)
 		}
 	}
 	var blobs []digest.Digest

@@ -159,6 +159,13 @@ func (s *Server) fetchManifest(ctx context.Context, rc *reqCtx, desc ocispec.Des
 			mt = ocispec.MediaTypeImageIndex
 		}
 	}
+	// Held until the link that keeps the blob exists: a GC sweep (on any
+	// replica) in between would see an unreferenced blob.
+	release, err := s.files.Lease(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("storing manifest: %w", err)
+	}
+	defer release()
 	if err := s.blobs.Put(ctx, desc.Digest, int64(len(b)), strings.NewReader(string(b))); err != nil {
 		return nil, fmt.Errorf("storing manifest: %w", err)
 	}

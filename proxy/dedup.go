@@ -276,12 +276,14 @@ func (s *Server) serveObjects(w http.ResponseWriter, r *http.Request, rc *reqCtx
 	if _, err := io.WriteString(cw, ObjectsMagic); err != nil {
 		return nil
 	}
+	open, stop := s.storedOpener(ctx, req.Objects)
+	defer stop()
 	var sent uint64
 	for _, o := range req.Objects {
 		if cw.n > int64(s.cfg.MaxResponseBytes) {
 			break
 		}
-		if err := s.writeFrame(cw, o); err != nil {
+		if err := s.writeFrame(cw, o, open); err != nil {
 			// Headers are sent: cut the stream, the client notices the missing end.
 			log.G(ctx).WithError(err).WithField("object", o).Warn("objects stream aborted")
 			s.m.servedBytes.WithLabelValues("dedup_objects").Add(float64(cw.n))
@@ -311,8 +313,8 @@ func (c *byteCounter) Write(b []byte) (int, error) {
 
 // writeFrame sends one object; an object stored compressed goes out as its
 // stored zstd frame, unrecompressed.
-func (s *Server) writeFrame(w io.Writer, o digest.Digest) error {
-	rc, size, n, compressed, err := s.files.OpenStored(context.Background(), o)
+func (s *Server) writeFrame(w io.Writer, o digest.Digest, open storedOpener) error {
+	rc, size, n, compressed, err := open(o)
 	if err != nil {
 		return err
 	}
@@ -342,3 +344,16 @@ func (s *Server) writeFrame(w io.Writer, o digest.Digest) error {
 
 var _ = cas.ErrNotFound
 var _ = layout.ErrNotFound
+
+// storedOpener opens the objects of a stream in order, fetched ahead when the
+// backend is remote (one round trip per object otherwise).
+func (s *Server) storedOpener(ctx context.Context, ds []digest.Digest) (storedOpener, func()) {
+	if p, ok := s.files.(interface {
+		PrefetchStored(context.Context, []digest.Digest) (storedOpener, func())
+	}); ok {
+		return p.PrefetchStored(ctx, ds)
+	}
+	return func(d digest.Digest) (io.ReadCloser, int64, int64, bool, error) {
+		return s.files.OpenStored(ctx, d)
+	}, func() {}
+}

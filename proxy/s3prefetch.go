@@ -106,3 +106,73 @@ func (p *prefetchSource) Open(d digest.Digest) (io.ReadCloser, error) {
 	}
 	return pf.rc, nil
 }
+
+// storedOpener opens objects as stored (FileStore.OpenStored).
+type storedOpener func(digest.Digest) (rc io.ReadCloser, size, stored int64, zstd bool, err error)
+
+type storedObj struct {
+	d            digest.Digest
+	rc           io.ReadCloser
+	size, stored int64
+	zstd         bool
+	err          error
+	done         chan struct{}
+}
+
+// PrefetchStored opens ds as stored, a window ahead, for a consumer that
+// opens them in exactly this order (the dedup objects stream); any other
+// digest is opened directly. stop releases what was fetched and not used.
+func (s *s3FileStore) PrefetchStored(ctx context.Context, ds []digest.Digest) (storedOpener, func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	ch := make(chan *storedObj, prefetchObjects)
+	go func() {
+		defer close(ch)
+		for _, d := range ds {
+			so := &storedObj{d: d, done: make(chan struct{})}
+			go func() {
+				defer close(so.done)
+				rc, size, stored, z, err := s.OpenStored(ctx, d)
+				if err == nil && stored <= prefetchMaxObject {
+					// Small: read now, so the connection is free for the next.
+					b, rerr := io.ReadAll(rc)
+					rc.Close()
+					rc, err = io.NopCloser(bytes.NewReader(b)), rerr
+				}
+				so.rc, so.size, so.stored, so.zstd, so.err = rc, size, stored, z, err
+			}()
+			select {
+			case ch <- so:
+			case <-ctx.Done():
+				<-so.done
+				if so.rc != nil {
+					so.rc.Close()
+				}
+				return
+			}
+		}
+	}()
+	open := func(d digest.Digest) (io.ReadCloser, int64, int64, bool, error) {
+		so, ok := <-ch
+		if !ok || so.d != d {
+			if ok {
+				<-so.done
+				if so.rc != nil {
+					so.rc.Close()
+				}
+			}
+			return s.OpenStored(ctx, d)
+		}
+		<-so.done
+		return so.rc, so.size, so.stored, so.zstd, so.err
+	}
+	stop := func() {
+		cancel()
+		for so := range ch {
+			<-so.done
+			if so.rc != nil {
+				so.rc.Close()
+			}
+		}
+	}
+	return open, stop
+}

@@ -16,11 +16,17 @@ echo "==> building SeaweedFS $SEAWEEDFS_VERSION (weed) into $BIN"
 start=$(date +%s)
 dir=$(go mod download -json "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
 [ -n "$dir" ] || { echo "cannot download github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" >&2; exit 1; }
-work=$(mktemp -d)
-trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
-cp -r "$dir" "$work/src"
-chmod -R u+w "$work/src"
-(cd "$work/src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -trimpath -o "$BIN/weed.tmp" ./weed)
+# A fixed, writable source dir (kept): a rebuild after an interrupted one
+# hits the Go build cache instead of compiling ~1700 packages again.
+src="$PWD/_tools/src/seaweedfs-$SEAWEEDFS_VERSION"
+if [ ! -f "$src/go.mod" ]; then
+  rm -rf "$src"
+  mkdir -p "$(dirname "$src")"
+  cp -r "$dir" "$src.tmp"
+  chmod -R u+w "$src.tmp"
+  mv "$src.tmp" "$src"
+fi
+(cd "$src" && GOFLAGS=-mod=mod CGO_ENABLED=0 go build -o "$BIN/weed.tmp" ./weed)
 mv "$BIN/weed.tmp" "$BIN/weed"
 echo "$SEAWEEDFS_VERSION" > "$stamp"
 echo "==> weed built in $(( $(date +%s) - start ))s"

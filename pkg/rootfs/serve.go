@@ -120,6 +120,9 @@ func mountOptions(cfg Config) *fs.Options {
 	return o
 }
 
+// statsInterval is how often the server publishes its operation counts.
+var statsInterval = 5 * time.Second // a var so tests can shorten it
+
 // syncInterval bounds how long an unsynced write may stay only in memory.
 const syncInterval = 2 * time.Second
 
@@ -155,12 +158,13 @@ func Serve(ctx context.Context, cfg Config) error {
 	}
 	root := &node{r: r, lower: tree.Root}
 	opts := mountOptions(cfg)
-	server, err := fs.Mount(cfg.Mountpoint, root, opts)
+	st := newOpStats()
+	server, err := mountCounted(cfg.Mountpoint, root, opts, st)
 	if err != nil && cfg.ReadOnly {
 		// "ro" is a flag for mount(2) but fusermount wants it as option;
 		// retry without the string form if the kernel refused it.
 		opts.Options = opts.Options[:len(opts.Options)-1]
-		server, err = fs.Mount(cfg.Mountpoint, root, opts)
+		server, err = mountCounted(cfg.Mountpoint, root, opts, st)
 	}
 	if err != nil {
 		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
@@ -176,6 +180,13 @@ func Serve(ctx context.Context, cfg Config) error {
 	// these processes idles next to every container.
 	debug.FreeOSMemory()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).Info("rootfs: serving")
+	pctx, pcancel := context.WithCancel(context.Background())
+	pdone := make(chan struct{})
+	go func() {
+		st.publishLoop(pctx, StatsPath(cfg.Mountpoint), statsInterval)
+		close(pdone)
+	}()
+	defer func() { pcancel(); <-pdone }() // the last publish lands before Serve returns
 	done := make(chan struct{})
 	go func() {
 		server.Wait()

@@ -58,7 +58,7 @@ type adopter interface {
 // synthWriter receives the synthesised tar: everything is hashed (the
 // diffID); outside payloads the bytes are also kept as raw segments.
 type synthWriter struct {
-	h       hash.Hash
+	h       *asyncHash
 	n       int64
 	payload bool
 	pending []byte
@@ -73,6 +73,68 @@ func (w *synthWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// asyncHash hashes in a goroutine of its own what is written to it
+// (buffered, in order): the diffID's sha256 then runs beside the content
+// hashing of the CAS puts, on the other core, instead of after it.
+type asyncHash struct {
+	h    hash.Hash
+	buf  []byte
+	ch   chan []byte
+	free chan []byte
+	done chan struct{}
+}
+
+const asyncHashBuf = 256 << 10
+
+func newAsyncHash() *asyncHash {
+	a := &asyncHash{h: sha256.New(), ch: make(chan []byte, 3), free: make(chan []byte, 4), done: make(chan struct{})}
+	for i := 0; i < 4; i++ {
+		a.free <- make([]byte, 0, asyncHashBuf)
+	}
+	a.buf = <-a.free
+	ch := a.ch // Close nils the field, maybe before this goroutine first runs
+	go func() {
+		defer close(a.done)
+		for b := range ch {
+			a.h.Write(b)
+			a.free <- b[:0]
+		}
+	}()
+	return a
+}
+
+func (a *asyncHash) Write(p []byte) {
+	for len(p) > 0 {
+		n := copy(a.buf[len(a.buf):cap(a.buf)], p)
+		a.buf = a.buf[:len(a.buf)+n]
+		p = p[n:]
+		if len(a.buf) == cap(a.buf) {
+			a.ch <- a.buf
+			a.buf = <-a.free
+		}
+	}
+}
+
+// Sum flushes, waits for the hasher and returns the digest. Close must
+// follow every newAsyncHash (Sum does it).
+func (a *asyncHash) Sum() []byte {
+	a.Close()
+	return a.h.Sum(nil)
+}
+
+// Close stops the hasher (idempotent).
+func (a *asyncHash) Close() {
+	if a.ch == nil {
+		return
+	}
+	if len(a.buf) > 0 {
+		a.ch <- a.buf
+	}
+	close(a.ch)
+	a.ch = nil
+	<-a.done
+}
+
 type dirWalker struct {
 	ctx   context.Context
 	p     putter
@@ -85,7 +147,8 @@ type dirWalker struct {
 }
 
 func fromDir(ctx context.Context, p putter, dir string, o DirOptions) (*Manifest, error) {
-	sw := &synthWriter{h: sha256.New()}
+	sw := &synthWriter{h: newAsyncHash()}
+	defer sw.h.Close()
 	w := &dirWalker{
 		ctx:   ctx,
 		p:     p,
@@ -122,7 +185,7 @@ func fromDir(ctx context.Context, p putter, dir string, o DirOptions) (*Manifest
 	}
 	m := w.in.m
 	m.raw.tail = sw.pending
-	m.DiffID = digest.NewDigestFromBytes(digest.SHA256, sw.h.Sum(nil))
+	m.DiffID = digest.NewDigestFromBytes(digest.SHA256, sw.h.Sum())
 	m.Size = sw.n
 	return m, nil
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
 	"github.com/dupsnap/dupsnap/pkg/cas"
@@ -62,5 +63,21 @@ func TestFromDirAdopt(t *testing.T) {
 	must(t, err)
 	if entryByPath(skipped, "etc") != nil || entryByPath(skipped, "etc/conf") == nil || len(skipped.Entries) != len(want.Entries)-1 {
 		t.Fatalf("SkipDir: %d entries, etc %v", len(skipped.Entries), entryByPath(skipped, "etc"))
+	}
+}
+
+// asyncHash equals sha256 over what was written, for sizes around its
+// buffer, and its Sum never waits on a hasher that started late.
+func TestAsyncHash(t *testing.T) {
+	data := pseudoRandom(5, 3*asyncHashBuf+100)
+	for i := 0; i < 300; i++ {
+		n := []int{0, 1, asyncHashBuf - 1, asyncHashBuf, asyncHashBuf + 1, len(data)}[i%6]
+		a := newAsyncHash()
+		a.Write(data[:n/2])
+		a.Write(data[n/2 : n])
+		if got := digest.NewDigestFromBytes(digest.SHA256, a.Sum()); got != sha(data[:n]) {
+			t.Fatalf("size %d: %s, want %s", n, got, sha(data[:n]))
+		}
+		a.Close()
 	}
 }

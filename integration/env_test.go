@@ -20,12 +20,13 @@ type env struct {
 	reg *harness.Registry
 }
 
-func newEnv(ctx context.Context, t *testing.T) *env {
+// newEnv starts the three; args go to `dupsnap serve`.
+func newEnv(ctx context.Context, t *testing.T, args ...string) *env {
 	t.Helper()
 	harness.Require(t, harness.DupsnapBin())
 	dir := harness.TempDir(t, "dsint-")
 	e := &env{dir: dir}
-	e.d = harness.StartDupsnap(ctx, t, dir, "[cas]\nno_sync = true\n")
+	e.d = harness.StartDupsnap(ctx, t, dir, "[cas]\nno_sync = true\n", args...)
 	e.c = harness.StartContainerd(ctx, t, dir, harness.ContainerdOptions{DupsnapSocket: e.d.Socket, DupsnapRoot: e.d.Root})
 	e.reg = harness.StartRegistry(ctx, t, dir)
 	t.Cleanup(func() {

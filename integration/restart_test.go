@@ -22,7 +22,13 @@ import (
 func TestRestart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Second)
 	defer cancel()
-	e := newEnv(ctx, t)
+	l, err := netListen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	maddr := l.Addr().String()
+	l.Close()
+	e := newEnv(ctx, t, "--metrics-address", maddr)
 	ti := buildImages(t)
 	ref, err := e.reg.Push(ctx, "restart/one:v1", ti.img1)
 	if err != nil {
@@ -96,6 +102,24 @@ sleep 0.02; done`
 	n2 := waitMore(n1 + 10)
 	running()
 	t.Logf("counter %d before kill, %d while dead, %d after restart", n0, n1, n2)
+
+	// The re-adopted rootfs server's FUSE counts reach the new daemon's
+	// metrics (servers publish them; the daemon sums live ones).
+	var ops float64
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		if ops, err = harness.ScrapeMetric(ctx, "http://"+maddr+"/metrics", `dupsnap_fuse_operations_total{op="write"}`); err == nil && ops > 0 {
+			break
+		}
+	}
+	if ops <= 0 {
+		alive, _ := harness.ScrapeMetric(ctx, "http://"+maddr+"/metrics", "dupsnap_rootfs_alive")
+		stats, _ := filepath.Glob(filepath.Join(e.d.Root, "snapshots", "*", "rootfs.stats"))
+		for _, f := range stats {
+			b, _ := os.ReadFile(f)
+			t.Logf("%s: %s", f, b)
+		}
+		t.Errorf("dupsnap_fuse_operations_total{op=\"write\"} = %v (%v) after restart with %v rootfs servers alive, stats files %v: rootfs metrics not collected", ops, err, alive, stats)
+	}
 
 	// Stop the container and commit its snapshot through containerd with
 	// the restarted daemon, then read the committed layer back.

@@ -64,7 +64,7 @@ func NewCollector(s *Snapshotter) []prometheus.Collector {
 		physicalDesc:  prometheus.NewDesc("dupsnap_store_physical_bytes", "Bytes CAS objects take on disk.", nil, nil),
 		layersDesc:    prometheus.NewDesc("dupsnap_layers", "Layer manifests in the store.", nil, nil),
 	}
-	return []prometheus.Collector{c, opDuration, unpackHits, ingestedBytes, rootfsStarts}
+	return []prometheus.Collector{c, newFuseCollector(s), opDuration, unpackHits, ingestedBytes, rootfsStarts}
 }
 
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {

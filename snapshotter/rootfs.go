@@ -211,7 +211,13 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 }
 
 // aliveCount counts the rootfs servers of existing snapshots (metrics).
-func (s *Snapshotter) aliveCount(ctx context.Context) (n int) {
+func (s *Snapshotter) aliveCount(ctx context.Context) int {
+	return len(s.liveMounts(ctx))
+}
+
+// liveMounts lists the mountpoints of existing snapshots whose rootfs
+// server is alive (container rootfs and unpack lower views).
+func (s *Snapshotter) liveMounts(ctx context.Context) (mps []string) {
 	ids := map[string]struct{}{}
 	_ = s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		m, err := storage.IDMap(ctx)
@@ -227,9 +233,9 @@ func (s *Snapshotter) aliveCount(ctx context.Context) (n int) {
 		p := s.paths(id)
 		for _, mp := range []string{p.mnt(), p.lower()} {
 			if _, err := os.Lstat(mp); err == nil && rootfs.Alive(mp) {
-				n++
+				mps = append(mps, mp)
 			}
 		}
 	}
-	return n
+	return mps
 }

@@ -300,3 +300,8 @@ func (c *countedFS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Statu
 	defer c.st.since("other", time.Now())
 	return c.RawFileSystem.Access(cancel, in)
 }
+
+func (c *countedFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
+	defer c.st.since("write", time.Now())
+	return c.RawFileSystem.Writev(cancel, in, data)
+}

@@ -105,6 +105,10 @@ func mountOptions(cfg Config) *fs.Options {
 			// kernel drop all its cached pages at the next getattr, and
 			// the first read after a write ran at daemon speed.
 			ExplicitDataCacheControl: true,
+			// A symlink never changes in place (a new one is a new inode),
+			// so the kernel may keep readlink results: every exec through
+			// /bin/sh -> busybox style links otherwise costs a round trip.
+			EnableSymlinkCaching: true,
 			// Passthrough is negotiated by go-fuse when the kernel offers
 			// it (CAP_PASSTHROUGH) and used for handles with PassthroughFd.
 		},

@@ -101,4 +101,3 @@ type FsckReport struct {
 	TempFiles int
 	Repaired  bool
 }
-

@@ -25,15 +25,15 @@ type Batch struct {
 	single bool // Store.Put: fdatasync in the writer, no batch-level sync
 	strat  syncStrategy
 
-	mu      sync.Mutex
-	done    bool
-	leased  bool
-	jobs    chan job
-	wdone   chan struct{}
-	werr    error
-	pending map[digest.Digest]*tempObj // kept temps, by content
-	order   []*tempObj
-	hits    map[string]struct{} // shards of objects found already present
+	mu       sync.Mutex
+	done     bool
+	leased   bool
+	jobs     chan job
+	wdone    chan struct{}
+	werr     error
+	pending  map[digest.Digest]*tempObj // kept temps, by content
+	order    []*tempObj
+	hits     map[string]struct{} // shards of objects found already present
 	inflight sync.WaitGroup
 
 	created []*tempObj // every temp the writer created (writer-owned until wdone)

@@ -158,7 +158,7 @@ func Image(cmd []string, layers ...v1.Layer) (v1.Image, error) {
 // BaseFiles is a minimal userland from this machine: sh and the coreutils
 // the tests use, their shared libraries, and the merged-/usr symlinks.
 func BaseFiles() ([]File, error) {
-	bins := []string{"sh", "cat", "ls", "mv", "rm", "echo", "sleep", "sha256sum", "mkdir", "cp", "stat", "wc", "sync", "test", "head", "date", "ln"}
+	bins := []string{"sh", "cat", "ls", "mv", "rm", "echo", "sleep", "sha256sum", "mkdir", "cp", "stat", "wc", "sync", "test", "head", "date", "ln", "dd", "df"}
 	var paths []string
 	for _, b := range bins {
 		p, err := exec.LookPath(b)

@@ -205,6 +205,23 @@ func (u *Upstream) PushBlob(t testing.TB, repo string, b []byte) digest.Digest {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
+	if resp.StatusCode == http.StatusAccepted {
+		// Registries without monolithic POST (distribution v3) open a
+		// session instead: finish it with one PUT.
+		loc, err := resp.Location()
+		if err != nil {
+			t.Fatalf("push blob %s: %v", d, err)
+		}
+		q := loc.Query()
+		q.Set("digest", d.String())
+		loc.RawQuery = q.Encode()
+		req, _ := http.NewRequest(http.MethodPut, loc.String(), bytes.NewReader(b))
+		req.Header.Set("Content-Type", "application/octet-stream")
+		if resp, err = http.DefaultClient.Do(req); err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
 	if resp.StatusCode != http.StatusCreated {
 		t.Fatalf("push blob %s: %s", d, resp.Status)
 	}

@@ -1,7 +1,5 @@
 package recipe
 
-import ()
-
 // gzipCandidates lists plausible encoders for a gzip member, most likely
 // first. Go writers (OS byte 255) set XFL from the level: 2 only for level 9,
 // 4 only for level 1, 0 otherwise, which prunes most levels for free.
@@ -38,7 +36,16 @@ func zstdCandidates(head []byte, size int64) []*Recipe {
 	}
 	crc := fhd&0x04 != 0
 	window := 0 // single segment: no descriptor, the level's default applies
+	var contentSize int64
 	if fhd&0x20 == 0 {
+		// A streamed frame with a content size: Encoder.ResetContentSize.
+		// (A single-segment one is the one-shot frame of a stream that fit
+		// one block, reproduced as such; EncodeAll of more than a block
+		// also writes one, which streaming does not reproduce.)
+		var ok bool
+		if contentSize, ok = zstdContentSize(head, fhd); !ok {
+			return nil
+		}
 		wd := head[5]
 		exp := int(wd>>3) + 10
 		if wd&7 != 0 || exp > 29 {
@@ -47,15 +54,27 @@ func zstdCandidates(head []byte, size int64) []*Recipe {
 		window = 1 << exp
 	}
 	var out []*Recipe
-	for l := 1; l <= 4; l++ {
+	add := func(l int, o zstdOptions) {
+		out = append(out, &Recipe{Format: FormatZstd, enc: encKPZstd, level: l, zopt: o, size: size})
+	}
+	// containerd/moby/BuildKit/containers-image use the default level: first.
+	for _, l := range []int{2, 1, 3, 4} {
 		w := window
 		if w == defaultZstdWindow(l) {
 			w = 0
 		}
-		out = append(out, &Recipe{Format: FormatZstd, enc: encKPZstd, level: l, zopt: zstdOptions{CRC: crc, Window: w}, size: size})
+		add(l, zstdOptions{CRC: crc, Window: w, ContentSize: contentSize})
 	}
-	// containerd/moby use the default level: try it first.
-	out[0], out[1] = out[1], out[0]
+	// SpeedFastest with a window set before the level keeps 128 KiB blocks;
+	// a single-segment frame does not tell the window, whose value then
+	// only decides the block size (a one-shot frame fits any window >= it).
+	if window == 0 || window > 64<<10 {
+		w := window
+		if w == 0 {
+			w = defaultZstdWindow(1)
+		}
+		add(1, zstdOptions{CRC: crc, Window: w, WindowFirst: true, ContentSize: contentSize})
+	}
 	return out
 }
 
@@ -65,4 +84,24 @@ func defaultZstdWindow(level int) int {
 		return 4 << 20
 	}
 	return 8 << 20
+}
+
+// zstdContentSize reads the Frame_Content_Size of a frame with a window
+// descriptor (no dictionary id): 0 when absent.
+func zstdContentSize(head []byte, fhd byte) (int64, bool) {
+	n := [4]int{0, 2, 4, 8}[fhd>>6]
+	if len(head) < 6+n {
+		return 0, false
+	}
+	var v uint64
+	for i := n - 1; i >= 0; i-- {
+		v = v<<8 | uint64(head[6+i])
+	}
+	if n == 2 {
+		v += 256
+	}
+	if v > 1<<62 {
+		return 0, false
+	}
+	return int64(v), true
 }

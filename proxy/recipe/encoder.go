@@ -89,17 +89,24 @@ func (g *gzipEncoder) Close() error {
 // (streaming, one frame, no content size). Concurrency 1 avoids goroutines;
 // the streaming output does not depend on it (tested).
 func newZstdEncoder(w io.Writer, level int, o zstdOptions) (io.WriteCloser, error) {
-	opts := []zstd.EOption{
+	var opts []zstd.EOption
+	if o.WindowFirst {
+		opts = append(opts, zstd.WithWindowSize(o.Window))
+	}
+	opts = append(opts,
 		zstd.WithEncoderLevel(zstd.EncoderLevel(level)),
 		zstd.WithEncoderCRC(o.CRC),
 		zstd.WithEncoderConcurrency(1),
-	}
-	if o.Window != 0 {
+	)
+	if o.Window != 0 && !o.WindowFirst {
 		opts = append(opts, zstd.WithWindowSize(o.Window))
 	}
 	zw, err := zstd.NewWriter(w, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("recipe: zstd encoder: %w", err)
+	}
+	if o.ContentSize > 0 {
+		zw.ResetContentSize(w, o.ContentSize)
 	}
 	return zw, nil
 }

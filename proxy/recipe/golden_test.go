@@ -45,6 +45,9 @@ var goldenDigests = map[string]string{
 	"zstd/klauspost/3/crc=false/window=0": "101d257e9e2a7f8be244c419dadef15a643364293aba5c32a277cf9f4a7d8a98",
 	"zstd/klauspost/4/crc=true/window=0":  "fa0505b5a033b518fd585ea5e68e60d915f309a9630b568690f3a4183a570772",
 	"zstd/klauspost/4/crc=false/window=0": "bf7a54e4b4504151a6755f2900dbaa36851cbc65782492799137532e05c9879e",
+	"zstd/klauspost/1/crc=true/window=4194304/window-first":   "3f3b2585c1db1fa22acc75d546df7de113a5e5310c3914ec46dbe7026fb209bb",
+	"zstd/klauspost/1/crc=true/window=1048576/window-first":   "20514e1348ee83db570a4cfa1da3824291f684d7207fdf852bb7124a0ba2f863",
+	"zstd/klauspost/2/crc=true/window=0/content-size=1057280": "7cd63b1f2feb394dc55dc8be47d50e209c2e629a8121e9dd33821f0cc1db0301",
 }
 
 func goldenRecipes() []*Recipe {
@@ -60,6 +63,13 @@ func goldenRecipes() []*Recipe {
 			rs = append(rs, &Recipe{Format: FormatZstd, enc: encKPZstd, level: l, zopt: zstdOptions{CRC: crc}})
 		}
 	}
+	// Option order at SpeedFastest (128 KiB blocks) and a streamed frame
+	// with a content size (len(genTar(t, 1<<20))).
+	rs = append(rs,
+		&Recipe{Format: FormatZstd, enc: encKPZstd, level: 1, zopt: zstdOptions{CRC: true, Window: 4 << 20, WindowFirst: true}},
+		&Recipe{Format: FormatZstd, enc: encKPZstd, level: 1, zopt: zstdOptions{CRC: true, Window: 1 << 20, WindowFirst: true}},
+		&Recipe{Format: FormatZstd, enc: encKPZstd, level: 2, zopt: zstdOptions{CRC: true, ContentSize: goldenInputSize}},
+	)
 	return rs
 }
 
@@ -84,5 +94,8 @@ func TestGoldenDigests(t *testing.T) {
 		t.Logf("input %s\n%s", digest.FromBytes(tb), out.String())
 	}
 }
+
+// goldenInputSize is len(genTar(t, 1<<20)).
+const goldenInputSize = 1057280
 
 const goldenInput = "sha256:3cac466bf9c7443435664147f5c595f5feeec2d4128144eb1a8c8779b13e738b"

@@ -7,7 +7,10 @@
 //
 //   - gzip "go":         Go standard library compress/flate (go1.26.x)
 //   - gzip "klauspost":  github.com/klauspost/compress/flate v1.20.0
-//   - zstd "klauspost":  github.com/klauspost/compress/zstd v1.20.0 (streaming Writer)
+//   - zstd "klauspost":  github.com/klauspost/compress/zstd v1.20.0 (streaming Writer),
+//     as containerd/moby, BuildKit, containers/image and go-containerregistry
+//     call it (zstd_builders_test.go): level, CRC, window, the order of the
+//     window and level options, and a content size set by ResetContentSize
 //
 // Bumping either one must be accompanied by re-checking recipes already stored:
 // a recipe that no longer reproduces its digest falls back to the retained blob
@@ -58,6 +61,13 @@ type Recipe struct {
 type zstdOptions struct {
 	CRC    bool `json:"crc"`
 	Window int  `json:"window,omitempty"` // 0: the level's default
+	// WindowFirst: WithWindowSize came before WithEncoderLevel. Option order
+	// matters at SpeedFastest only: a level set last picks its 64 KiB
+	// blocks, a window set first keeps 128 KiB blocks (and the window).
+	WindowFirst bool `json:"windowFirst,omitempty"`
+	// ContentSize: the streamed frame header carries the tar's size
+	// (Encoder.ResetContentSize before writing).
+	ContentSize int64 `json:"contentSize,omitempty"`
 }
 
 // Encoder describes the recipe for logs and stats, e.g. "gzip/go/6".
@@ -65,6 +75,12 @@ func (r *Recipe) Encoder() string {
 	s := fmt.Sprintf("%s/%s/%d", r.Format, r.enc, r.level)
 	if r.Format == FormatZstd {
 		s += fmt.Sprintf("/crc=%t/window=%d", r.zopt.CRC, r.zopt.Window)
+		if r.zopt.WindowFirst {
+			s += "/window-first"
+		}
+		if r.zopt.ContentSize != 0 {
+			s += fmt.Sprintf("/content-size=%d", r.zopt.ContentSize)
+		}
 	}
 	return s
 }
@@ -170,6 +186,12 @@ func (r *Recipe) validate() error {
 		}
 		if w := r.zopt.Window; w != 0 && (w < 1<<10 || w > 1<<29 || w&(w-1) != 0) {
 			return fmt.Errorf("bad zstd window %d", w)
+		}
+		if r.zopt.ContentSize < 0 {
+			return fmt.Errorf("bad zstd content size %d", r.zopt.ContentSize)
+		}
+		if r.zopt.WindowFirst && r.zopt.Window == 0 {
+			return fmt.Errorf("zstd window-first without a window")
 		}
 	default:
 		return fmt.Errorf("unknown format %q", r.Format)

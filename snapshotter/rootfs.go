@@ -52,10 +52,12 @@ func (s *Snapshotter) rootfsConfig(id string, parentIDs []string, readOnly bool)
 	}
 	if !readOnly {
 		cfg.StateDir = p.state()
-		// The quota set at Prepare (maxSizeLabel) lives on in the config
-		// that rootfs.Start wrote then (restart, Usage).
+		cfg.Reserve, cfg.BlockSize, cfg.MaxSize = s.cfg.RegionReserve, s.cfg.RegionBlockSize, s.cfg.DefaultMaxSize
+		// The region settings and quota chosen at Prepare (maxSizeLabel)
+		// live on in the config that rootfs.Start wrote then (restart,
+		// Usage), whatever the daemon's config says now.
 		if old, err := rootfs.LoadConfig(rootfs.ConfigPath(cfg.Mountpoint)); err == nil {
-			cfg.MaxSize = old.MaxSize
+			cfg.Reserve, cfg.BlockSize, cfg.MaxSize = old.Reserve, old.BlockSize, old.MaxSize
 		}
 	}
 	return cfg, nil

@@ -51,6 +51,13 @@ type Config struct {
 	// only consults the lowerdirs for implied parent directories, so this
 	// trades exactness of a manual mount for one FUSE server less per layer.
 	NoLowerView bool
+	// RegionReserve and RegionBlockSize shape the copy-on-write region of
+	// each active snapshot (0: pkg/rootfs defaults); DefaultMaxSize caps a
+	// region when Prepare carries no containerd.io/snapshot/max-size label
+	// (0: no cap).
+	RegionReserve   int64
+	RegionBlockSize int
+	DefaultMaxSize  int64
 	// Fetcher, when set, is asked for a layer the node lacks before an
 	// unpack is handed to containerd (dedup offloading, snapshotter/offload).
 	Fetcher LayerFetcher

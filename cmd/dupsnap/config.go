@@ -19,8 +19,11 @@ type serveConfig struct {
 	LogLevel       string `toml:"log_level"`
 	MetricsAddress string `toml:"metrics_address"`
 	Rootfs         struct {
-		Binary string `toml:"binary"`
-		Debug  bool   `toml:"debug"`
+		Binary          string `toml:"binary"`
+		Debug           bool   `toml:"debug"`
+		RegionReserve   int64  `toml:"region_reserve"`
+		RegionBlockSize int    `toml:"region_block_size"`
+		DefaultMaxSize  int64  `toml:"default_max_size"`
 	} `toml:"rootfs"`
 	Unpack struct {
 		LowerView bool `toml:"lower_view"`

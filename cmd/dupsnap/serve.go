@@ -88,6 +88,10 @@ func runServe(ctx context.Context, args []string) error {
 		GCGrace:      time.Duration(cfg.GC.Grace),
 		NoSync:       cfg.CAS.NoSync,
 		NoLowerView:  !cfg.Unpack.LowerView,
+
+		RegionReserve:   cfg.Rootfs.RegionReserve,
+		RegionBlockSize: cfg.Rootfs.RegionBlockSize,
+		DefaultMaxSize:  cfg.Rootfs.DefaultMaxSize,
 	}
 	if fetcher != nil {
 		defer fetcher.Close()

@@ -39,6 +39,11 @@ type Config struct {
 	ReadOnly     bool            `json:"read_only"`     // views: every write fails with EROFS
 	Debug        bool            `json:"debug"`
 
+	// ready, if set, is closed once Serve's mount is fully set up (in
+	// particular after go-fuse's poll hack), for in-process callers: see
+	// Serve.
+	ready chan<- struct{}
+
 	// Writable state (active snapshots only). The container's file data
 	// lives in a pkg/cow region under StateDir/region.
 	//

@@ -130,20 +130,18 @@ func serve(t *testing.T, cfg Config) (stop func()) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
+	ready := make(chan struct{})
+	cfg.ready = ready // wait for the poll hack before any I/O: see Serve
 	go func() { done <- Serve(ctx, cfg) }()
-	deadline := time.Now().Add(10 * time.Second)
-	for !Mounted(cfg.Mountpoint) {
-		select {
-		case err := <-done:
-			cancel()
-			t.Fatalf("Serve: %v", err)
-		default:
-		}
-		if time.Now().After(deadline) {
-			cancel()
-			t.Fatal("mount did not appear")
-		}
-		time.Sleep(5 * time.Millisecond)
+	select {
+	case <-ready:
+	case err := <-done:
+		cancel()
+		t.Fatalf("Serve: %v", err)
+	case <-time.After(10 * time.Second):
+		cancel()
+		forceUnmount(cfg.Mountpoint)
+		t.Fatal("mount did not become ready")
 	}
 	stopped := false
 	stop = func() {

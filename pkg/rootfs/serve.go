@@ -173,6 +173,14 @@ func Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
 	}
+	// An in-process caller must not touch the mount before this point: a
+	// Go open(2) of a FUSE file registers it with the runtime's epoll while
+	// holding a P, and until go-fuse's poll hack (in WaitMount) has made the
+	// kernel stop sending POLL, that epoll_ctl waits for this very server,
+	// which a stop-the-world GC keeps from running: a deadlock.
+	if cfg.ready != nil {
+		close(cfg.ready)
+	}
 	if !cfg.ReadOnly {
 		// Views have no region files: everything there is passthrough.
 		if err := setReadahead(cfg.Mountpoint, readaheadKiB); err != nil {

@@ -96,7 +96,7 @@ func (s *Snapshotter) stopRootfs(ctx context.Context, mountpoint string) error {
 	if len(mps) == 0 && !rootfs.Alive(mountpoint) {
 		return nil
 	}
-	if err := stopServer(ctx, mountpoint); err != nil {
+	if err := rootfs.Stop(ctx, mountpoint); err != nil {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("rootfs stop failed, detaching")
 	}
 	detachStale(ctx, mountpoint)

@@ -51,9 +51,8 @@ type Config struct {
 	// containerd.io/snapshot/max-size); past it writes fail with ENOSPC
 	// and statfs inside the rootfs reports it. 0: no cap.
 	MaxSize int64 `json:"max_size,omitempty"`
-	// Reserve is preallocated when the region is created (0: min(64 MiB,
-	// MaxSize)); the region grows on demand, in steps of the reserve, up
-	// to MaxSize.
+	// Reserve is preallocated when the region is created (0: 1 MiB, then
+	// growth in 16 MiB steps); the region grows on demand up to MaxSize.
 	Reserve int64 `json:"reserve,omitempty"`
 	// BlockSize is the CoW unit of a new region (0: 4 KiB).
 	BlockSize int `json:"block_size,omitempty"`

@@ -319,11 +319,24 @@ func dirOfAbs(p string) string {
 	return p[:i]
 }
 
+// Default region shape when Config.Reserve is 0.
+const (
+	defaultRegionReserve  = 1 << 20
+	defaultRegionGrowStep = 16 << 20
+)
+
 // openRegion opens the region of an active snapshot and drops region
 // files no upper file names any more (a crash between an unlink and the
 // next Sync leaves them behind).
 func openRegion(ctx context.Context, cfg Config, upper string) (*cow.Region, error) {
-	reg, err := cow.Open(cfg.regionDir(), cow.Options{MaxSize: cfg.MaxSize, Reserve: cfg.Reserve, BlockSize: cfg.BlockSize})
+	reserve, step := cfg.Reserve, int64(0)
+	if reserve <= 0 {
+		// Small by default: a container that changes a few blocks costs a
+		// few blocks of disk, not a whole reserve; one that writes more
+		// gets room in steps large enough to keep its files contiguous.
+		reserve, step = defaultRegionReserve, defaultRegionGrowStep
+	}
+	reg, err := cow.Open(cfg.regionDir(), cow.Options{MaxSize: cfg.MaxSize, Reserve: reserve, GrowStep: step, BlockSize: cfg.BlockSize})
 	if err != nil {
 		return nil, fmt.Errorf("rootfs: open region: %w", err)
 	}

@@ -51,7 +51,7 @@ type Config struct {
 	// containerd.io/snapshot/max-size); past it writes fail with ENOSPC
 	// and statfs inside the rootfs reports it. 0: no cap.
 	MaxSize int64 `json:"max_size,omitempty"`
-	// Reserve is preallocated when the region is created (0: 1 MiB, then
+	// Reserve is preallocated when the region is created (0: 256 KiB, then
 	// growth in 16 MiB steps); the region grows on demand up to MaxSize.
 	Reserve int64 `json:"reserve,omitempty"`
 	// BlockSize is the CoW unit of a new region (0: 4 KiB).

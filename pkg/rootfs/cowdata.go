@@ -321,7 +321,7 @@ func dirOfAbs(p string) string {
 
 // Default region shape when Config.Reserve is 0.
 const (
-	defaultRegionReserve  = 1 << 20
+	defaultRegionReserve  = 256 << 10
 	defaultRegionGrowStep = 16 << 20
 )
 

@@ -26,6 +26,16 @@ func (f *storeFlags) register(fs *flag.FlagSet, serving bool) {
 	}
 }
 
+// loadOffline is load for the commands that work on the store alone
+// (stats, gc, fsck): they need no upstream, so a config without one is fine.
+func (f *storeFlags) loadOffline() (proxy.Config, error) {
+	c, err := f.load()
+	if err == nil && c.Upstream == "" && len(c.Upstreams) == 0 {
+		c.Upstream = "http://unused.invalid"
+	}
+	return c, err
+}
+
 func (f *storeFlags) load() (proxy.Config, error) {
 	if err := cli.SetupLogging(f.logLevel); err != nil {
 		return proxy.Config{}, err

@@ -30,12 +30,9 @@ give it its own --root (it only holds scratch there).`,
 			fs.BoolVar(&jsonOut, "json", false, "print JSON")
 		},
 		Run: func(ctx context.Context, args []string) error {
-			cfg, err := f.load()
+			cfg, err := f.loadOffline()
 			if err != nil {
 				return err
-			}
-			if cfg.Upstream == "" && len(cfg.Upstreams) == 0 {
-				cfg.Upstream = "http://unused.invalid" // offline command: no upstream needed
 			}
 			cfg.Offline = true
 			s, err := proxy.Open(ctx, cfg)

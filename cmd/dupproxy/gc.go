@@ -30,12 +30,9 @@ references, and older than the grace period, are deleted.`,
 			fs.StringVar(&grace, "grace", "", "keep data younger than this, e.g. 10m (default: config gc_grace, else 1h)")
 		},
 		Run: func(ctx context.Context, args []string) error {
-			cfg, err := f.load()
+			cfg, err := f.loadOffline()
 			if err != nil {
 				return err
-			}
-			if cfg.Upstream == "" && len(cfg.Upstreams) == 0 {
-				cfg.Upstream = "http://unused.invalid"
 			}
 			if storeSize != "" {
 				n, err := proxy.ParseSize(storeSize)

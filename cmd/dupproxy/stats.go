@@ -32,12 +32,9 @@ be in use by "dupproxy serve" (the store is locked); query its /metrics instead.
 			fs.BoolVar(&jsonOut, "json", false, "print JSON")
 		},
 		Run: func(ctx context.Context, args []string) error {
-			cfg, err := f.load()
+			cfg, err := f.loadOffline()
 			if err != nil {
 				return err
-			}
-			if cfg.Upstream == "" && len(cfg.Upstreams) == 0 {
-				cfg.Upstream = "http://unused.invalid" // offline command: no upstream needed
 			}
 			s, err := proxy.Open(ctx, cfg)
 			if err != nil {

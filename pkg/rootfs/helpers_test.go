@@ -7,11 +7,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -23,8 +25,37 @@ import (
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
+// liveConns holds a handle on the FUSE connection of every in-process
+// mount of this test binary. A deadlocked in-process server leaves the
+// binary unable to exit (threads stuck in request_wait_answer make it a
+// zombie that `go test` waits on forever), so before -test.timeout fires,
+// and at exit, every connection still around is aborted: a hang becomes a
+// failure instead of a stalled CI.
+var liveConns struct {
+	sync.Mutex
+	files []*os.File
+}
+
+func abortLiveConns() {
+	liveConns.Lock()
+	defer liveConns.Unlock()
+	for _, f := range liveConns.files {
+		abortConn(f) // a no-op for connections already gone
+	}
+}
+
 func TestMain(m *testing.M) {
+	flag.Parse()
+	if tf := flag.Lookup("test.timeout"); tf != nil {
+		if d, err := time.ParseDuration(tf.Value.String()); err == nil && d > time.Minute {
+			time.AfterFunc(d-30*time.Second, func() {
+				fmt.Fprintln(os.Stderr, "rootfs tests: near -test.timeout, aborting every in-process FUSE connection")
+				abortLiveConns()
+			})
+		}
+	}
 	code := m.Run()
+	abortLiveConns()
 	if binPath != "" && os.Getenv("DUPSNAP_BIN") == "" {
 		os.RemoveAll(filepath.Dir(binPath))
 	}
@@ -135,6 +166,11 @@ func serve(t *testing.T, cfg Config) (stop func()) {
 	go func() { done <- Serve(ctx, cfg) }()
 	select {
 	case <-ready:
+		if conn := openConn(cfg.Mountpoint); conn != nil {
+			liveConns.Lock()
+			liveConns.files = append(liveConns.files, conn)
+			liveConns.Unlock()
+		}
 	case err := <-done:
 		cancel()
 		t.Fatalf("Serve: %v", err)

@@ -187,47 +187,43 @@ func (s *fsMetaStore) Get(_ context.Context, key string) ([]byte, error) {
 }
 
 func (s *fsMetaStore) Put(_ context.Context, key string, b []byte) error {
-	p, err := s.path(key)
+	p, tmp, err := s.stage(key, b)
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.CreateTemp(filepath.Join(s.dir, ".tmp"), "meta-")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if !s.noSync {
-		if err := tmp.Sync(); err != nil {
-			tmp.Close()
-			return err
-		}
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), p)
+	defer os.Remove(tmp)
+	return os.Rename(tmp, p)
 }
 
 func (s *fsMetaStore) Create(_ context.Context, key string, b []byte) error {
-	p, err := s.path(key)
+	p, tmp, err := s.stage(key, b)
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+	defer os.Remove(tmp)
+	// link(2) never replaces: exactly one creator wins.
+	if err := os.Link(tmp, p); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return errExists
+		}
 		return err
+	}
+	return nil
+}
+
+// stage writes b to a synced temp file beside the store and returns the
+// record's final path and the temp's; the caller publishes and removes it.
+func (s *fsMetaStore) stage(key string, b []byte) (p, tmpName string, err error) {
+	if p, err = s.path(key); err != nil {
+		return "", "", err
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+		return "", "", err
 	}
 	tmp, err := os.CreateTemp(filepath.Join(s.dir, ".tmp"), "meta-")
 	if err != nil {
-		return err
+		return "", "", err
 	}
-	defer os.Remove(tmp.Name())
 	_, err = tmp.Write(b)
 	if err == nil && !s.noSync {
 		err = tmp.Sync()
@@ -236,16 +232,10 @@ func (s *fsMetaStore) Create(_ context.Context, key string, b []byte) error {
 		err = cerr
 	}
 	if err != nil {
-		return err
+		os.Remove(tmp.Name())
+		return "", "", err
 	}
-	// link(2) never replaces: exactly one creator wins.
-	if err := os.Link(tmp.Name(), p); err != nil {
-		if errors.Is(err, fs.ErrExist) {
-			return errExists
-		}
-		return err
-	}
-	return nil
+	return p, tmp.Name(), nil
 }
 
 func (s *fsMetaStore) Delete(_ context.Context, key string) error {

@@ -67,6 +67,16 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 }
 
 // list returns the merged entries of directory es at path p.
+// mustBeEmpty is ENOTEMPTY unless the merged directory at p lists nothing
+// (rmdir, and rename onto a directory).
+func (r *rootFS) mustBeEmpty(es *entryState, p string) syscall.Errno {
+	ents, errno := r.list(es, p)
+	if errno == 0 && len(ents) > 0 {
+		return syscall.ENOTEMPTY
+	}
+	return errno
+}
+
 func (r *rootFS) list(es *entryState, p string) ([]fuse.DirEntry, syscall.Errno) {
 	var out []fuse.DirEntry
 	if !es.up {

@@ -259,12 +259,8 @@ func (n *node) remove(ctx context.Context, name string, dir bool) syscall.Errno 
 		return syscall.EISDIR
 	}
 	if dir {
-		ents, errno := n.r.list(&c, p)
-		if errno != 0 {
+		if errno := n.r.mustBeEmpty(&c, p); errno != 0 {
 			return errno
-		}
-		if len(ents) > 0 {
-			return syscall.ENOTEMPTY
 		}
 	}
 	if c.up {
@@ -347,12 +343,8 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 			return syscall.EISDIR
 		}
 		if dst.isDir() {
-			ents, errno := n.r.list(&dst, dp)
-			if errno != 0 {
+			if errno := n.r.mustBeEmpty(&dst, dp); errno != 0 {
 				return errno
-			}
-			if len(ents) > 0 {
-				return syscall.ENOTEMPTY
 			}
 			if dst.up {
 				if err := os.RemoveAll(n.r.upperPath(dp)); err != nil {

@@ -55,19 +55,7 @@ func TestCrashFsync(t *testing.T) {
 	os.MkdirAll(cfg.Mountpoint, 0o755)
 	mp := cfg.Mountpoint
 	logFile := filepath.Join(e.dir, "rootfs.log")
-	start := func() int {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		pid, err := Start(ctx, bin, cfg, logFile)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			syscall.Kill(pid, syscall.SIGKILL)
-			forceUnmount(mp)
-		})
-		return pid
-	}
+	start := func() int { return startServer(t, bin, cfg, logFile) }
 	stop := func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

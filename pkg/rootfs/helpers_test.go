@@ -200,6 +200,23 @@ func serve(t *testing.T, cfg Config) (stop func()) {
 	return stop
 }
 
+// startServer runs cfg in a real rootfs server process (Start) and
+// registers its kill and unmount for cleanup; it returns the server's pid.
+func startServer(t *testing.T, bin string, cfg Config, logFile string) int {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pid, err := Start(ctx, bin, cfg, logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		syscall.Kill(pid, syscall.SIGKILL)
+		forceUnmount(cfg.Mountpoint)
+	})
+	return pid
+}
+
 // forceUnmount is the last resort of every test: abort + detach.
 func forceUnmount(mp string) {
 	for i := 0; i < 5; i++ {

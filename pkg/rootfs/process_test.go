@@ -63,19 +63,7 @@ func TestStartStopProcess(t *testing.T) {
 	cfg := Config{Mountpoint: mp, CASRoot: e.cas.Root(), ManifestRoot: filepath.Join(e.dir, "manifests"),
 		Layers: layers, StateDir: filepath.Join(dir, "state")}
 	logFile := filepath.Join(dir, "rootfs.log")
-	start := func() int {
-		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-		defer cancel()
-		pid, err := Start(ctx, bin, cfg, logFile)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			syscall.Kill(pid, syscall.SIGKILL)
-			forceUnmount(mp)
-		})
-		return pid
-	}
+	start := func() int { return startServer(t, bin, cfg, logFile) }
 	stop := func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()

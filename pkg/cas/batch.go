@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/containerd/log"
 	"github.com/klauspost/compress/zstd"
@@ -36,6 +37,9 @@ type Batch struct {
 	hits     map[string]struct{} // shards of objects found already present
 	inflight sync.WaitGroup
 
+	syncers sync.WaitGroup // early fdatasyncs of streamed temps (syncEarly)
+	syncSem chan struct{}
+
 	created []*tempObj // every temp the writer created (writer-owned until wdone)
 	linked  []*tempObj // named temps made by Link and AdoptFile (no fd; under mu)
 }
@@ -50,7 +54,22 @@ const (
 
 // Batches with at most this many new objects use per-file syncs; bigger
 // ones use two syncfs calls (see Commit for why and what was measured).
-const perFileMax = 8
+// Objects already made durable by syncEarly count only towards the second
+// bound: per-file commit still fsyncs each one's inode after linking.
+const (
+	perFileMax       = 8
+	perFileMaxSynced = 64
+)
+
+func unsynced(objs []*tempObj) int {
+	n := 0
+	for _, t := range objs {
+		if !t.synced.Load() {
+			n++
+		}
+	}
+	return n
+}
 
 // tempObj is one temp file on its way to becoming an object.
 type tempObj struct {
@@ -60,7 +79,8 @@ type tempObj struct {
 	anon    bool   // O_TMPFILE: no name; fd stays open until linked
 	enc     *zstd.Encoder
 	logical int64
-	gone    bool // renamed into place or unlinked: nothing to clean up
+	gone    bool        // renamed into place or unlinked: nothing to clean up
+	synced  atomic.Bool // data made durable early (syncEarly)
 }
 
 type jobKind uint8
@@ -81,7 +101,7 @@ type job struct {
 
 // NewBatch starts a batch. It takes no resources until a Put writes.
 func (s *Store) NewBatch() *Batch {
-	return &Batch{s: s, pending: map[digest.Digest]*tempObj{}, hits: map[string]struct{}{}}
+	return &Batch{s: s, pending: map[digest.Digest]*tempObj{}, hits: map[string]struct{}{}, syncSem: make(chan struct{}, 4)}
 }
 
 // start takes the shared lock (temp files must not be swept while they are
@@ -240,6 +260,7 @@ func (b *Batch) drain() {
 		close(b.jobs)
 		<-b.wdone
 	}
+	b.syncers.Wait()
 }
 
 // cleanup removes every temp still present and drops the lock.
@@ -324,7 +345,7 @@ func (b *Batch) Commit(ctx context.Context) error {
 	strat := b.strat
 	if strat == syncAuto {
 		strat = syncFS
-		if b.single || len(objs) <= perFileMax && len(b.hits) <= perFileMax {
+		if b.single || unsynced(objs) <= perFileMax && len(objs) <= perFileMaxSynced && len(b.hits) <= perFileMax {
 			strat = syncPerFile
 		}
 	}
@@ -415,6 +436,9 @@ func parallel(n int, fn func(i int) error) error {
 
 func (s *Store) syncTemps(objs []*tempObj) error {
 	return parallel(len(objs), func(i int) error {
+		if objs[i].synced.Load() {
+			return nil
+		}
 		if objs[i].anon {
 			if err := unix.Fdatasync(objs[i].fd); err != nil {
 				return fmt.Errorf("cas: fdatasync temp: %w", err)

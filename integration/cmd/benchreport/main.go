@@ -23,7 +23,7 @@ import (
 
 type params struct {
 	images, imageMB, reps, bigMB, small, largeMB, writes, storeMB, usrFiles int
-	out, dir, inctr, logs                                                   string
+	out, dir, inctr, logs, only                                             string
 	timeout                                                                 time.Duration
 }
 
@@ -43,7 +43,15 @@ func main() {
 	flag.StringVar(&p.inctr, "inctr", "bin/inctr", "the static in-container helper (built by hack/bench.sh)")
 	flag.StringVar(&p.logs, "logs", "/var/tmp/dupbench-logs", "where the components' logs are kept after the run")
 	flag.DurationVar(&p.timeout, "timeout", 2*time.Hour, "give up (clean up, write what was measured) after this long")
+	flag.StringVar(&p.only, "only", "", "run only these parts, comma-separated: store (issue 2), cow (pkg/cow), proxy (issue 5), nodes (issues 3, 4, 6); the report then goes to $TMPDIR/dupbench-partial unless --out is given")
 	flag.Parse()
+	if p.only != "" {
+		outSet := false
+		flag.Visit(func(f *flag.Flag) { outSet = outSet || f.Name == "out" })
+		if !outSet {
+			p.out = filepath.Join(os.TempDir(), "dupbench-partial")
+		}
+	}
 	os.Exit(run(p))
 }
 
@@ -114,28 +122,37 @@ func run(p params) int {
 	return 0
 }
 
+// wants reports whether part is selected by --only (everything when unset).
+func (p params) wants(part string) bool {
+	if p.only == "" {
+		return true
+	}
+	for _, s := range strings.Split(p.only, ",") {
+		if strings.TrimSpace(s) == part {
+			return true
+		}
+	}
+	return false
+}
+
 func bench(ctx context.Context, t *stack.T, rs *Results, rep *Report, top string, p params) {
 	step := func(f string, a ...any) { fmt.Printf("==> "+f+"\n", a...) }
 	note := func(f string, a ...any) { t.Logf(f, a...); rep.Log = append(rep.Log, fmt.Sprintf(f, a...)) }
 
-	step("issue 2: ingest and export of a %d MiB layer vs sha256 (%d reps)", p.storeMB, p.reps)
 	scratch := filepath.Join(top, "scratch")
 	stack.Check(t, os.MkdirAll(scratch, 0o755), "scratch dir")
-	if err := benchStore(ctx, rs, scratch, p.storeMB, p.reps, t.Logf); err != nil {
-		note("issue 2 benchmarks failed: %v", err)
-		rs.NA(2, "ingest MB/s (uncompressed layer, durable CAS)", "MB/s", "sha256 over the same bytes", ratioGoal(">=", 0.5), err.Error())
+	if p.wants("store") {
+		step("issue 2: ingest and export of a %d MiB layer vs sha256 (%d reps)", p.storeMB, p.reps)
+		benchStoreStep(ctx, rs, scratch, p, t.Logf, note)
 	}
 	if ctx.Err() != nil {
 		return
 	}
-	step("issue 4: pkg/cow's own benchmarks (go test -bench, %d counts)", p.reps)
-	if err := benchGoPkg(ctx, rs, "pkg/cow", cowPairs, p.reps, scratch, t.Logf); err != nil {
-		note("pkg/cow benchmarks: %v", err)
-		for _, c := range cowPairs {
-			rs.NA(c.issue, c.row, "ms/op", c.base, c.goal, firstLine(err.Error()))
-		}
+	if p.wants("cow") {
+		step("issue 4: pkg/cow's own benchmarks (go test -bench, %d counts)", p.reps)
+		benchCowStep(ctx, rs, scratch, p, t.Logf, note)
 	}
-	if ctx.Err() != nil {
+	if ctx.Err() != nil || !p.wants("proxy") && !p.wants("nodes") {
 		return
 	}
 
@@ -172,9 +189,11 @@ func bench(ctx context.Context, t *stack.T, rs *Results, rep *Report, top string
 		note("dupproxy not available: %s", firstLine(rt.ProxyErr))
 	}
 
-	step("issue 5: dupproxy vs the upstream registry")
-	benchProxy(ctx, rs, rt, set, p.reps, scratch, t.Logf)
-	if ctx.Err() != nil {
+	if p.wants("proxy") {
+		step("issue 5: dupproxy vs the upstream registry")
+		benchProxy(ctx, rs, rt, set, p.reps, scratch, t.Logf)
+	}
+	if ctx.Err() != nil || !p.wants("nodes") {
 		return
 	}
 	stack.Check(t, rt.Push(ctx, []*stack.Image{bench}), "push bench image")
@@ -199,5 +218,21 @@ func printSummary(r Report) {
 		}
 		fmt.Printf("  [%d] %-70.70s %10s %-6s / %10s = %7s  %-9s %s\n", x.Issue, x.Name, num(x.Value), x.Unit, num(x.Baseline),
 			fmt.Sprintf("%.3gx", x.Ratio), x.Goal, x.Status)
+	}
+}
+
+func benchStoreStep(ctx context.Context, rs *Results, scratch string, p params, logf, note func(string, ...any)) {
+	if err := benchStore(ctx, rs, scratch, p.storeMB, p.reps, logf); err != nil {
+		note("issue 2 benchmarks failed: %v", err)
+		rs.NA(2, "ingest MB/s (uncompressed layer, durable CAS)", "MB/s", "sha256 over the same bytes", ratioGoal(">=", 0.5), err.Error())
+	}
+}
+
+func benchCowStep(ctx context.Context, rs *Results, scratch string, p params, logf, note func(string, ...any)) {
+	if err := benchGoPkg(ctx, rs, "pkg/cow", cowPairs, p.reps, scratch, logf); err != nil {
+		note("pkg/cow benchmarks: %v", err)
+		for _, c := range cowPairs {
+			rs.NA(c.issue, c.row, "ms/op", c.base, c.goal, firstLine(err.Error()))
+		}
 	}
 }

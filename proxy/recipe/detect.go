@@ -24,7 +24,22 @@ var zstdMagic = []byte{0x28, 0xb5, 0x2f, 0xfd}
 // Cost: one compression of a 256 KiB tar prefix per plausible candidate
 // (usually 1-8), then full re-compressions until one matches; a full run
 // aborts at the first output byte that differs from the blob.
+//
+// A compress/flate recipe at levels 4-9 also gets checkpoints (parallel
+// restore, see chunked.go) when a chunked re-compression reproduces the
+// blob too: two more runs over the tar, one of them parallel.
 func Detect(ctx context.Context, blob io.ReaderAt, blobSize int64, blobDigest digest.Digest, tar func() (io.ReadCloser, error)) (*Recipe, error) {
+	r, err := detect(ctx, blob, blobSize, blobDigest, tar)
+	if r == nil || err != nil {
+		return r, err
+	}
+	if err := r.addCheckpoints(ctx, blob, blobSize, blobDigest, tar); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func detect(ctx context.Context, blob io.ReaderAt, blobSize int64, blobDigest digest.Digest, tar func() (io.ReadCloser, error)) (*Recipe, error) {
 	if err := blobDigest.Validate(); err != nil {
 		return nil, fmt.Errorf("recipe: detect: %w", err)
 	}

@@ -31,6 +31,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"github.com/dupsnap/dupsnap/proxy/recipe/internal/goflate"
 )
 
 // Formats.
@@ -55,6 +57,11 @@ type Recipe struct {
 	header []byte // gzip: the member header exactly as found in the blob
 	zopt   zstdOptions
 	size   int64 // expected blob size, a cheap sanity check for Apply callers
+
+	// gzip/go levels 4-9: encoder checkpoints for parallel restore
+	// (chunked.go) and the CRC-32C of the blob bytes each chunk produces.
+	cps  []goflate.Checkpoint
+	crcs []uint32
 }
 
 // zstdOptions are the klauspost encoder options that change the output.
@@ -85,6 +92,10 @@ func (r *Recipe) Encoder() string {
 	return s
 }
 
+// Chunks is the number of pieces the recipe is re-compressed in, in
+// parallel (1: sequentially).
+func (r *Recipe) Chunks() int { return len(r.cps) + 1 }
+
 // Size is the size of the blob the recipe produces.
 func (r *Recipe) Size() int64 { return r.size }
 
@@ -97,13 +108,20 @@ type wire struct {
 	Header []byte       `json:"header,omitempty"`
 	Zstd   *zstdOptions `json:"zstd,omitempty"`
 	Size   int64        `json:"size"`
+	// Chunks (version 2): checkpoints and chunk CRCs, see marshalChunks.
+	Chunks []byte `json:"chunks,omitempty"`
 }
 
 // magic prefixes marshalled recipes; a CRC32C trailer catches corruption that
 // would otherwise still parse (e.g. a flipped level digit).
 var magic = []byte("dsrecipe")
 
-const wireVersion = 1
+// Version 1: encoder and settings; 2: plus checkpoints (older readers
+// refuse it by version rather than misreading it).
+const (
+	wireVersion        = 1
+	wireVersionChunked = 2
+)
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -118,6 +136,9 @@ func (r *Recipe) Marshal() ([]byte, error) {
 	} else {
 		z := r.zopt
 		w.Zstd = &z
+	}
+	if r.chunked() {
+		w.V, w.Chunks = wireVersionChunked, r.marshalChunks()
 	}
 	body, err := json.Marshal(w)
 	if err != nil {
@@ -144,12 +165,23 @@ func Unmarshal(b []byte) (*Recipe, error) {
 	if err := dec.Decode(&w); err != nil {
 		return nil, fmt.Errorf("recipe: unmarshal: %w", err)
 	}
-	if w.V != wireVersion {
+	if w.V != wireVersion && w.V != wireVersionChunked {
 		return nil, fmt.Errorf("recipe: unmarshal: unsupported version %d", w.V)
+	}
+	if (w.V == wireVersionChunked) != (len(w.Chunks) > 0) {
+		return nil, fmt.Errorf("recipe: unmarshal: version %d with %d bytes of checkpoints", w.V, len(w.Chunks))
 	}
 	r := &Recipe{Format: w.Format, enc: w.Enc, level: w.Level, header: w.Header, size: w.Size}
 	if w.Zstd != nil {
 		r.zopt = *w.Zstd
+	}
+	if len(w.Chunks) > 0 {
+		if !r.checkpointable() {
+			return nil, fmt.Errorf("recipe: unmarshal: checkpoints for %s", r.Encoder())
+		}
+		if err := r.unmarshalChunks(w.Chunks); err != nil {
+			return nil, fmt.Errorf("recipe: unmarshal: %w", err)
+		}
 	}
 	if err := r.validate(); err != nil {
 		return nil, fmt.Errorf("recipe: unmarshal: %w", err)

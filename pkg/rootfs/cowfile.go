@@ -60,7 +60,11 @@ func (h *cowHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Read
 	if err != nil && !errors.Is(err, io.EOF) {
 		return nil, toErrno(err)
 	}
-	return fuse.ReadResultData(dest[:k]), 0
+	// A vector result goes to /dev/fuse with one writev. ReadResultData
+	// would first be tried as a splice: go-fuse then grows a pipe and
+	// writes the reply header into it for every READ, and for a 1 MiB READ
+	// (header + payload > pipe-max-size) fails and logs an error each time.
+	return fuse.ReadResultVector([][]byte{dest[:k]}), 0
 }
 
 func (h *cowHandle) Write(ctx context.Context, data []byte, off int64) (uint32, syscall.Errno) {

@@ -141,10 +141,19 @@ func Start(ctx context.Context, binary string, cfg Config, logFile string) (int,
 	}
 	defer logf.Close()
 	binary = ServerBinary(binary)
+	rp, wp, err := os.Pipe()
+	if err != nil {
+		return 0, fmt.Errorf("rootfs: ready pipe: %w", err)
+	}
+	defer rp.Close()
 	cmd := exec.Command(binary, "rootfs", "--config", cfgPath)
 	cmd.Stdout, cmd.Stderr = logf, logf // stdin stays /dev/null
+	cmd.ExtraFiles = []*os.File{wp}     // fd 3 in the server
+	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
+	err = cmd.Start()
+	wp.Close() // the server holds the only write end: its exit is EOF
+	if err != nil {
 		return 0, fmt.Errorf("rootfs: start %s: %w", binary, err)
 	}
 	pid := cmd.Process.Pid
@@ -162,20 +171,17 @@ func Start(ctx context.Context, binary string, cfg Config, logFile string) (int,
 	if err := os.WriteFile(pidPath(cfg.Mountpoint), []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
 		return fail(err)
 	}
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		if Mounted(cfg.Mountpoint) {
-			return pid, nil
+	if err := waitReady(ctx, rp, cfg.Mountpoint); err != nil {
+		if errors.Is(err, errServerExited) {
+			// It closes the pipe as Serve returns, before it logs why.
+			select {
+			case <-exited:
+			case <-time.After(2 * time.Second):
+			}
 		}
-		select {
-		case <-exited:
-			return fail(errors.New("server exited"))
-		case <-ctx.Done():
-			return fail(ctx.Err())
-		case <-tick.C:
-		}
+		return fail(err)
 	}
+	return pid, nil
 }
 
 // SmallBinary is the dedicated rootfs server (cmd/dupsnap-rootfs): same
@@ -235,16 +241,4 @@ func Stop(ctx context.Context, mountpoint string) error {
 	}
 	os.Remove(pidPath(mountpoint))
 	return nil
-}
-
-// waitExit polls until pid is no live rootfs server, for at most d or ctx.
-func waitExit(ctx context.Context, pid int, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for ourProcess(pid) {
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			return !ourProcess(pid)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	return true
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"runtime/debug"
+	"sync"
 	"syscall"
 	"time"
 
@@ -14,33 +15,49 @@ import (
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/dupsnap/dupsnap/pkg/cas"
+	"github.com/dupsnap/dupsnap/pkg/cow"
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
-// loadTree merges the manifests of cfg.Layers.
-func loadTree(ctx context.Context, cfg Config) (*layout.Tree, *cas.Store, error) {
+// loadTree returns the merged tree of cfg.Layers: from the tree cache if
+// it has the chain (cached reports that), else by merging the manifests.
+func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _ *cas.Store, cached bool, err error) {
 	store, err := cas.Open(cfg.CASRoot, cas.Options{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("rootfs: open cas: %w", err)
+		return nil, nil, false, fmt.Errorf("rootfs: open cas: %w", err)
 	}
+	defer func() {
+		if err != nil {
+			store.Close()
+		}
+	}()
 	ms, err := layout.OpenStore(cfg.ManifestRoot, store)
 	if err != nil {
-		store.Close()
-		return nil, nil, fmt.Errorf("rootfs: open manifest store: %w", err)
+		return nil, nil, false, fmt.Errorf("rootfs: open manifest store: %w", err)
+	}
+	ph.mark("open")
+	// A layer that is gone fails the start with or without a cached tree.
+	for _, d := range cfg.Layers {
+		if !ms.Has(d) {
+			return nil, nil, false, fmt.Errorf("rootfs: layer %s: %w", d, layout.ErrNotFound)
+		}
+	}
+	if tree = loadTreeCache(cfg.ManifestRoot, cfg.Layers); tree != nil {
+		ph.mark("cached")
+		return tree, store, true, nil
 	}
 	chain := make([]*layout.Manifest, 0, len(cfg.Layers))
 	for _, d := range cfg.Layers {
 		m, err := ms.Get(ctx, d)
 		if err != nil {
-			store.Close()
-			return nil, nil, fmt.Errorf("rootfs: layer %s: %w", d, err)
+			return nil, nil, false, fmt.Errorf("rootfs: layer %s: %w", d, err)
 		}
 		chain = append(chain, m)
 	}
-	tree, err := layout.Merge(chain)
+	ph.mark("manifests")
+	tree, err = layout.Merge(chain)
 	if err != nil {
-		store.Close()
-		return nil, nil, fmt.Errorf("rootfs: merge layers: %w", err)
+		return nil, nil, false, fmt.Errorf("rootfs: merge layers: %w", err)
 	}
 	if tree.Root == nil {
 		tree.Root = &layout.Node{Ino: 1}
@@ -54,7 +71,8 @@ func loadTree(ctx context.Context, cfg Config) (*layout.Tree, *cas.Store, error)
 	if tree.Root.Entry.Mode == 0 {
 		tree.Root.Entry.Mode = 0o755
 	}
-	return tree, store, nil
+	ph.mark("merge")
+	return tree, store, false, nil
 }
 
 // prepareState creates the upper and work dirs of an active snapshot; a
@@ -124,6 +142,14 @@ func mountOptions(cfg Config) *fs.Options {
 	return o
 }
 
+// loadMemoryLimit caps the heap while GC is off during a server's start.
+const loadMemoryLimit = 128 << 20
+
+type regionResult struct {
+	reg *cow.Region
+	err error
+}
+
 // statsInterval is how often the server publishes its operation counts.
 var statsInterval = 5 * time.Second // a var so tests can shorten it
 
@@ -131,25 +157,58 @@ var statsInterval = 5 * time.Second // a var so tests can shorten it
 const syncInterval = 2 * time.Second
 
 // Serve mounts and serves in this process until ctx is done or the fs is
-// unmounted.
+// unmounted. A server started by Start tells it through the inherited
+// ready pipe (see ready.go) once the mount can be used.
 func Serve(ctx context.Context, cfg Config) error {
+	ready := takeReadyPipe()
+	defer ready.Close() // EOF for Start if we fail before signalling
 	if err := cfg.validate(); err != nil {
 		return err
 	}
-	tree, store, err := loadTree(ctx, cfg)
+	ph := newPhases()
+	// The start is short and allocates a lot at once: no GC cycles during
+	// it (bounded by a memory limit), the garbage goes after ready.
+	gcPercent := debug.SetGCPercent(-1)
+	memLimit := debug.SetMemoryLimit(loadMemoryLimit)
+	restoreGC := sync.OnceFunc(func() {
+		debug.SetGCPercent(gcPercent)
+		debug.SetMemoryLimit(memLimit)
+	})
+	defer restoreGC()
+	// A new region's journal and dirs are fsync'd: that disk wait runs
+	// while the tree loads.
+	var regCh chan regionResult
+	if cfg.StateDir != "" && !cfg.ReadOnly {
+		regCh = make(chan regionResult, 1)
+		go func() {
+			reg, err := openRegion(ctx, cfg, cfg.upperDir())
+			regCh <- regionResult{reg, err}
+		}()
+	}
+	closeRegion := func() {
+		if regCh != nil {
+			if res := <-regCh; res.reg != nil {
+				res.reg.Close()
+			}
+		}
+	}
+	tree, store, cached, err := loadTree(ctx, cfg, ph)
 	if err != nil {
+		closeRegion()
 		return err
 	}
 	defer store.Close()
 	r := newRootFS(tree, store, cfg)
 	if err := prepareState(ctx, r); err != nil {
+		closeRegion()
 		return err
 	}
-	if r.upper != "" && !cfg.ReadOnly {
-		reg, err := openRegion(ctx, cfg, r.upper)
-		if err != nil {
-			return err
+	if regCh != nil {
+		res := <-regCh
+		if res.err != nil {
+			return res.err
 		}
+		reg := res.reg
 		r.region = reg
 		defer func() {
 			if err := reg.Close(); err != nil {
@@ -160,6 +219,7 @@ func Serve(ctx context.Context, cfg Config) error {
 		defer scancel()
 		go r.syncLoop(sctx, syncInterval)
 	}
+	ph.mark("state")
 	root := &node{r: r, lower: tree.Root}
 	opts := mountOptions(cfg)
 	st := newOpStats()
@@ -173,6 +233,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
 	}
+	ph.mark("mount")
 	// An in-process caller must not touch the mount before this point: a
 	// Go open(2) of a FUSE file registers it with the runtime's epoll while
 	// holding a P, and until go-fuse's poll hack (in WaitMount) has made the
@@ -181,17 +242,30 @@ func Serve(ctx context.Context, cfg Config) error {
 	if cfg.ready != nil {
 		close(cfg.ready)
 	}
+	ready.signal()
+	restoreGC()
+	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
+		WithField("cached_tree", cached).WithField("phases", ph.String()).Info("rootfs: serving")
+	// Everything below is off the container's start path.
 	if !cfg.ReadOnly {
 		// Views have no region files: everything there is passthrough.
 		if err := setReadahead(cfg.Mountpoint, readaheadKiB); err != nil {
 			log.G(ctx).WithError(err).Warn("rootfs: readahead window stays at the default")
 		}
 	}
-	// Loading and merging the manifests leaves garbage several times the
-	// size of the tree; hand it back now, not at some later GC: one of
-	// these processes idles next to every container.
-	debug.FreeOSMemory()
-	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).Info("rootfs: serving")
+	go func() {
+		if cached {
+			touchTreeCache(cfg.ManifestRoot, cfg.Layers)
+		} else if err := storeTreeCache(cfg.ManifestRoot, cfg.Layers, tree); err != nil {
+			log.G(ctx).WithError(err).Warn("rootfs: tree cache not written")
+		}
+	}()
+	// Loading the tree leaves garbage (several times its size when the
+	// manifests were merged); hand it back once the container has
+	// started, not at some later GC: one of these processes idles next to
+	// every container.
+	freeTimer := time.AfterFunc(freeOSMemoryDelay, debug.FreeOSMemory)
+	defer freeTimer.Stop()
 	pctx, pcancel := context.WithCancel(context.Background())
 	pdone := make(chan struct{})
 	go func() {

@@ -1,0 +1,188 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"github.com/dupsnap/dupsnap/integration/harness"
+)
+
+// TestMeasureStart times `ctr run --rm IMAGE ID true` (the bench's
+// "container start+exit time") through dupsnap and through containerd's
+// overlayfs snapshotter on one private containerd, alternating, and prints
+// the medians, the ratio (goal <= 1.2x) and the median time dupsnap's
+// Prepare spent starting the rootfs server. The image is shaped like the
+// bench image: a base userland, ~5000 small files of this machine's /usr
+// (DUPSNAP_MEASURE_FILES), and two more layers. Gated: a measurement, not
+// a check (DUPSNAP_MEASURE=1; DUPSNAP_MEASURE_REPS runs per snapshotter,
+// default 10).
+func TestMeasureStart(t *testing.T) {
+	if os.Getenv("DUPSNAP_MEASURE") == "" {
+		t.Skip("measurement; set DUPSNAP_MEASURE=1")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	reps := 10
+	if n, err := strconv.Atoi(os.Getenv("DUPSNAP_MEASURE_REPS")); err == nil && n > 0 {
+		reps = n
+	}
+	nfiles := 5000
+	if n, err := strconv.Atoi(os.Getenv("DUPSNAP_MEASURE_FILES")); err == nil && n > 0 {
+		nfiles = n
+	}
+	harness.Require(t, harness.DupsnapBin())
+	dir := harness.TempDir(t, "dsstart-")
+	d := harness.StartDupsnap(ctx, t, dir, "")
+	c := harness.StartContainerd(ctx, t, dir, harness.ContainerdOptions{DupsnapSocket: d.Socket, DupsnapRoot: d.Root})
+	reg := harness.StartRegistry(ctx, t, dir)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Log(d.Tail())
+			t.Log(harness.LogTail(c.LogFile, 30))
+		}
+	})
+	img := startImage(t, nfiles)
+	ref, err := reg.Push(ctx, "meas/start:v1", img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctr := func(timeout time.Duration, args ...string) error {
+		out, err := c.Ctr(ctx, timeout, args...)
+		if err != nil {
+			return fmt.Errorf("ctr %v: %v\n%s", args, err, out)
+		}
+		return nil
+	}
+	for _, sn := range []string{"overlayfs", "dupsnap"} {
+		if err := ctr(3*time.Minute, "image", "pull", "--plain-http", "--snapshotter", sn, ref); err != nil {
+			t.Fatal(err)
+		}
+		// One warm-up run each: first-exec page cache, shim binary.
+		if err := ctr(time.Minute, append(append([]string{"run", "--rm", "--snapshotter", sn}, c.RunArgs()...), ref, "warm-"+sn, "echo")...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	times := map[string][]time.Duration{}
+	for r := 0; r < reps; r++ {
+		order := []string{"dupsnap", "overlayfs"}
+		if r%2 == 1 {
+			order = []string{"overlayfs", "dupsnap"}
+		}
+		for _, sn := range order {
+			args := append(append([]string{"run", "--rm", "--snapshotter", sn}, c.RunArgs()...), ref, fmt.Sprintf("s%d-%s", r, sn), "echo")
+			t0 := time.Now()
+			if err := ctr(time.Minute, args...); err != nil {
+				t.Fatalf("%v\n%s", err, d.Tail())
+			}
+			times[sn] = append(times[sn], time.Since(t0))
+		}
+	}
+	// Where a server's start goes: its own log, of kept containers.
+	for i := 0; i < 3; i++ {
+		id := fmt.Sprintf("keep%d", i)
+		if err := ctr(time.Minute, append(append([]string{"run", "-d", "--snapshotter", "dupsnap"}, c.RunArgs()...), ref, id, "sleep", "30")...); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			c.Ctr(context.Background(), 30*time.Second, "task", "kill", "-s", "9", id)
+			c.Ctr(context.Background(), 30*time.Second, "task", "rm", "-f", id)
+			c.Ctr(context.Background(), 30*time.Second, "container", "rm", id)
+		})
+	}
+	logs, _ := filepath.Glob(filepath.Join(d.Root, "snapshots", "*", "rootfs.log"))
+	for _, f := range logs {
+		b, _ := os.ReadFile(f)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "rootfs: serving") {
+				t.Logf("server: %s", l[strings.Index(l, "msg="):])
+			}
+		}
+	}
+	md, mo := median(times["dupsnap"]), median(times["overlayfs"])
+	srv := serverPhases(d.LogFile)
+	t.Logf("MEASURE container start+exit (ctr run --rm, %d files, %d reps): dupsnap %v %v vs overlayfs %v %v: %.2fx (goal <= 1.2x); dupsnap Prepare starting the rootfs server: median %v of %d; load %s",
+		nfiles, reps, md.Round(100*time.Microsecond), round(times["dupsnap"]), mo.Round(100*time.Microsecond), round(times["overlayfs"]),
+		float64(md)/float64(mo), median(srv).Round(100*time.Microsecond), len(srv), loadAvg())
+}
+
+// startImage is shaped like the bench image: base, many small /usr files,
+// a data layer and a small top layer.
+func startImage(t *testing.T, nfiles int) v1.Image {
+	t.Helper()
+	base, err := harness.BaseFiles()
+	if err != nil {
+		t.Fatal(err)
+	}
+	usr, err := harness.HostFiles([]string{"/usr/share", "/usr/lib"}, nfiles, 64<<10, 48<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := harness.HostFiles([]string{"/usr/bin"}, 300, 1<<20, 16<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var layers []v1.Layer
+	for _, fs := range [][]harness.File{base, harness.Relocate(usr, "opt/usr"), harness.Relocate(data, "opt/bin"), {{Path: "etc/extra", Data: []byte("x\n")}}} {
+		l, err := harness.Layer(fs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		layers = append(layers, l)
+	}
+	img, err := harness.Image([]string{"/bin/sh"}, layers...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+var serversPhase = regexp.MustCompile(`servers=([0-9.]+[a-zµ]+)`)
+
+// serverPhases are the "servers" phase durations of the rootfs Prepares
+// (mode rootfs) the daemon logged.
+func serverPhases(logFile string) []time.Duration {
+	b, err := os.ReadFile(logFile)
+	if err != nil {
+		return nil
+	}
+	var out []time.Duration
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.Contains(l, "snapshot created") || !strings.Contains(l, "mode=0") {
+			continue
+		}
+		if m := serversPhase.FindStringSubmatch(l); m != nil {
+			if d, err := time.ParseDuration(m[1]); err == nil {
+				out = append(out, d)
+			}
+		}
+	}
+	return out
+}
+
+func round(ds []time.Duration) []time.Duration {
+	out := make([]time.Duration, len(ds))
+	for i, d := range ds {
+		out[i] = d.Round(time.Millisecond)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out
+}
+
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}

@@ -60,6 +60,20 @@ type Config struct {
 	// files with passthrough instead of region extents (measurement knob:
 	// such files bypass the quota and Usage).
 	PlainNewFiles bool `json:"plain_new_files,omitempty"`
+
+	// PassthroughMinSize: clean image files at least this large are
+	// opened with FUSE passthrough to their CAS object; smaller ones are
+	// served as ordinary cached FUSE files (see openSmall). nil: the
+	// default, DefaultPassthroughMinSize; 0: every file passthrough.
+	PassthroughMinSize *int64 `json:"passthrough_min_size,omitempty"`
+}
+
+// ptMin is the effective PassthroughMinSize.
+func (c *Config) ptMin() int64 {
+	if c.PassthroughMinSize == nil {
+		return DefaultPassthroughMinSize
+	}
+	return *c.PassthroughMinSize
 }
 
 // regionDir holds the cow region of an active snapshot.
@@ -146,3 +160,7 @@ func writeConfig(path string, c Config) error {
 	}
 	return nil
 }
+
+// DefaultPassthroughMinSize is the PassthroughMinSize of a Config that
+// sets none.
+const DefaultPassthroughMinSize = 256 << 10

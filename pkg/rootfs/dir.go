@@ -12,10 +12,16 @@ import (
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
-// dirHandle is an open directory: a snapshot of its merged listing taken
-// at opendir, so seeks and interrupted reads see stable offsets.
+// dirHandle is a directory being listed. The kernel never opens
+// directories on the server (OPENDIR answers ENOSYS, see noOpendirFS):
+// every READDIR gets a handle of its own, and offsets are positions in the
+// merged listing. An image directory's listing never changes; an upper
+// directory's is kept on its node from the READDIR at offset 0 to the
+// ones that continue it, so a reader that removes entries while listing
+// (rm -r) is not shown a shifted listing.
 type dirHandle struct {
-	ents []fuse.DirEntry
+	dots [2]fuse.DirEntry // "." and ".."
+	ents []fuse.DirEntry  // shared, read-only
 	pos  int
 	up   string // upper dir path, for fsyncdir ("" if none)
 	r    *rootFS
@@ -28,6 +34,10 @@ var (
 	_ = (fs.FileReleasedirer)((*dirHandle)(nil))
 )
 
+// dirResume is set in the open flags of a READDIR's handle that continues
+// a listing (offset > 0): see noOpendirFS.
+const dirResume = 1 << 30
+
 func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
@@ -38,32 +48,39 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 	if !es.isDir() {
 		return nil, 0, syscall.ENOTDIR
 	}
+	h := &dirHandle{r: n.r}
+	h.dots[0] = fuse.DirEntry{Name: ".", Mode: syscall.S_IFDIR, Ino: n.StableAttr().Ino}
+	h.dots[1] = fuse.DirEntry{Name: "..", Mode: syscall.S_IFDIR, Ino: 1}
+	if _, p := n.Parent(); p != nil {
+		h.dots[1].Ino = p.StableAttr().Ino
+	}
+	if !es.up {
+		h.ents = n.r.lowerEntries(es.lower)
+		return h, fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE, 0
+	}
+	h.up = n.r.upperPath(p)
+	if s := n.dirSnap.Load(); s != nil && flags&dirResume != 0 {
+		h.ents = *s
+		return h, 0, 0
+	}
 	ents, errno := n.r.list(&es, p)
 	if errno != 0 {
 		return nil, 0, errno
 	}
-	self := fuse.DirEntry{Name: ".", Mode: syscall.S_IFDIR, Ino: n.StableAttr().Ino}
-	parent := fuse.DirEntry{Name: "..", Mode: syscall.S_IFDIR, Ino: 1}
-	if _, p := n.Parent(); p != nil {
-		parent.Ino = p.StableAttr().Ino
+	h.ents = ents
+	n.dirSnap.Store(&ents)
+	return h, 0, 0
+}
+
+// lowerEntries is the listing of an image directory, built once.
+func (r *rootFS) lowerEntries(ln *layout.Node) []fuse.DirEntry {
+	if v, ok := r.dirEnts.Load(ln); ok {
+		return v.([]fuse.DirEntry)
 	}
-	all := make([]fuse.DirEntry, 0, len(ents)+2)
-	all = append(all, self, parent)
-	all = append(all, ents...)
-	for i := range all {
-		all[i].Off = uint64(i + 1)
-	}
-	h := &dirHandle{ents: all, r: n.r}
-	var fl uint32
-	if es.up {
-		h.up = n.r.upperPath(p)
-	} else {
-		// Pure image directory: its listing never changes behind the
-		// kernel's back (a change through this mount bumps the dir's
-		// version and drops the cache), so let the kernel keep it.
-		fl = fuse.FOPEN_CACHE_DIR | fuse.FOPEN_KEEP_CACHE
-	}
-	return h, fl, 0
+	es := entryState{lower: ln}
+	ents, _ := r.list(&es, "")
+	r.dirEnts.Store(ln, ents)
+	return ents
 }
 
 // list returns the merged entries of directory es at path p.
@@ -129,11 +146,17 @@ func (r *rootFS) list(es *entryState, p string) ([]fuse.DirEntry, syscall.Errno)
 }
 
 func (h *dirHandle) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Errno) {
-	if h.pos >= len(h.ents) {
+	var e fuse.DirEntry
+	switch {
+	case h.pos < len(h.dots):
+		e = h.dots[h.pos]
+	case h.pos-len(h.dots) < len(h.ents):
+		e = h.ents[h.pos-len(h.dots)]
+	default:
 		return nil, 0
 	}
-	e := h.ents[h.pos]
 	h.pos++
+	e.Off = uint64(h.pos)
 	return &e, 0
 }
 

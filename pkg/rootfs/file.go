@@ -123,9 +123,17 @@ func (n *node) newIdentity(st *syscall.Stat_t) syscall.Errno {
 }
 
 // openLower opens a clean image file: the kernel reads its CAS object
-// directly (passthrough), sharing page cache with every other container.
+// directly (passthrough), sharing page cache with every other container;
+// files below PassthroughMinSize are cached FUSE files (see smallHandle).
 func (n *node) openLower(es *entryState) (fs.FileHandle, uint32, syscall.Errno) {
 	e := &es.lower.Entry
+	if e.Size > 0 && e.Size < n.r.ptMin {
+		h := &smallHandle{r: n.r, dg: e.Digest, size: e.Size}
+		if !n.cached.Load() {
+			n.storeCache(h)
+		}
+		return h, fuse.FOPEN_KEEP_CACHE, 0
+	}
 	h := &fileHandle{ino: es.lower.Ino}
 	if e.Size > 0 {
 		f, err := n.r.cas.OpenFile(e.Digest)

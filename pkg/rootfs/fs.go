@@ -47,9 +47,13 @@ type rootFS struct {
 
 	tmpSeq   uint64
 	dirNames sync.Map // *layout.Node -> []string, sorted child names
+	dirEnts  sync.Map // *layout.Node -> []fuse.DirEntry (lowerEntries)
 
 	cowState      // region of an active snapshot (region nil for views)
 	plainNew bool // Config.PlainNewFiles
+	// ptMin: clean image files at least this large are passthrough
+	// (Config.PassthroughMinSize).
+	ptMin int64
 }
 
 func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
@@ -62,6 +66,7 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 		copyup:   map[uint64]uint64{},
 		links:    map[*layout.Node][]string{},
 		statfs:   cfg.CASRoot,
+		ptMin:    cfg.ptMin(),
 	}
 	if cfg.StateDir != "" {
 		r.statfs = cfg.StateDir

@@ -29,6 +29,12 @@ type node struct {
 	// pinned keeps the region file of this node alive after its last
 	// name went, until the kernel forgets the node (see orphan.go).
 	pinned atomic.Pointer[cowInode]
+	// cached: the content of this clean small image file was stored in
+	// the kernel's page cache (see smallHandle).
+	cached atomic.Bool
+	// dirSnap is the listing of an upper directory that READDIRs after
+	// the first continue (see dirHandle).
+	dirSnap atomic.Pointer[[]fuse.DirEntry]
 }
 
 var (

@@ -236,21 +236,6 @@ func (c *countedFS) Readlink(cancel <-chan struct{}, h *fuse.InHeader) ([]byte, 
 	return c.RawFileSystem.Readlink(cancel, h)
 }
 
-func (c *countedFS) OpenDir(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
-	defer c.st.since("opendir", time.Now())
-	return c.RawFileSystem.OpenDir(cancel, in, out)
-}
-
-func (c *countedFS) ReadDir(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
-	defer c.st.since("readdir", time.Now())
-	return c.RawFileSystem.ReadDir(cancel, in, out)
-}
-
-func (c *countedFS) ReadDirPlus(cancel <-chan struct{}, in *fuse.ReadIn, out *fuse.DirEntryList) fuse.Status {
-	defer c.st.since("readdir", time.Now())
-	return c.RawFileSystem.ReadDirPlus(cancel, in, out)
-}
-
 func (c *countedFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 	defer c.st.since("release", time.Now())
 	c.RawFileSystem.Release(cancel, in)
@@ -259,11 +244,6 @@ func (c *countedFS) Release(cancel <-chan struct{}, in *fuse.ReleaseIn) {
 func (c *countedFS) Fsync(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
 	defer c.st.since("fsync", time.Now())
 	return c.RawFileSystem.Fsync(cancel, in)
-}
-
-func (c *countedFS) FsyncDir(cancel <-chan struct{}, in *fuse.FsyncIn) fuse.Status {
-	defer c.st.since("fsync", time.Now())
-	return c.RawFileSystem.FsyncDir(cancel, in)
 }
 
 func (c *countedFS) Flush(cancel <-chan struct{}, in *fuse.FlushIn) fuse.Status {

@@ -1,0 +1,176 @@
+package rootfs
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// TestMeasureUsr runs the benchmark's in-container workload (inctr reads:
+// warm pass, then lstat walk and sequential read of ~5000 files of this
+// machine's /usr) on a writable rootfs served by a real server process and
+// on overlayfs over the same tree, alternating, and prints medians, ratios
+// and the server's per-operation counts. Skipped unless
+// DUPSNAP_ROOTFS_MEASURE_USR is set to the path of an inctr binary
+// (CGO_ENABLED=0 go build -o /tmp/inctr ./integration/cmd/benchreport/inctr).
+// DUPSNAP_MEASURE_PTMIN sets Config.PassthroughMinSize (default: the
+// package default), DUPSNAP_MEASURE_REPS the repetitions (5).
+func TestMeasureUsr(t *testing.T) {
+	needRoot(t)
+	inctr := os.Getenv("DUPSNAP_ROOTFS_MEASURE_USR")
+	if inctr == "" {
+		t.Skip("set DUPSNAP_ROOTFS_MEASURE_USR=/path/to/inctr")
+	}
+	reps := 5
+	if v, err := strconv.Atoi(os.Getenv("DUPSNAP_MEASURE_REPS")); err == nil {
+		reps = v
+	}
+	e := newEnv(t)
+	ents := []tarEntry{{name: "usr/", typ: '5'}, {name: "big", body: strings.Repeat("0123456789abcdef", 1<<20)}}
+	seen := map[string]bool{"usr": true}
+	var n int
+	var total int64
+	stop := fmt.Errorf("enough")
+	// The files benchreport puts in its bench image (harness.HostFiles).
+	for _, d := range []string{"/usr/share", "/usr/lib"} {
+		err := filepath.WalkDir(d, func(p string, de fs.DirEntry, err error) error {
+			if err != nil || !de.Type().IsRegular() {
+				return nil
+			}
+			info, err := de.Info()
+			if err != nil || info.Size() > 256<<10 || info.Mode()&0o444 == 0 {
+				return nil
+			}
+			if n >= 5000 || total+info.Size() > 96<<20 {
+				return stop
+			}
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return nil
+			}
+			rel := strings.TrimPrefix(p, "/")
+			for dir := filepath.Dir(rel); !seen[dir]; dir = filepath.Dir(dir) {
+				seen[dir] = true
+				ents = append(ents, tarEntry{name: dir + "/", typ: '5'})
+			}
+			ents = append(ents, tarEntry{name: rel, body: string(b)})
+			n++
+			total += info.Size()
+			return nil
+		})
+		if err == stop {
+			break
+		}
+	}
+	sort.SliceStable(ents, func(i, j int) bool { return ents[i].name < ents[j].name })
+	layer := e.addLayer(t, makeTar(t, ents))
+	ents = nil
+	t.Logf("%d files, %d MiB", n, total>>20)
+
+	view := Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
+		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: []digest.Digest{layer}, ReadOnly: true}
+	stopView := serve(t, view)
+	lower := filepath.Join(e.dir, "lower")
+	os.MkdirAll(lower, 0o755)
+	copyTree(t, view.Mountpoint, lower)
+	stopView()
+
+	bin := dupsnapBin(t)
+	ptMin := int64(-1)
+	if v, err := strconv.ParseInt(os.Getenv("DUPSNAP_MEASURE_PTMIN"), 10, 64); err == nil {
+		ptMin = v
+	}
+	run := func(root string) map[string]float64 {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, inctr, "reads", filepath.Join(root, "big"), filepath.Join(root, "usr")).Output()
+		if err != nil {
+			t.Fatalf("inctr on %s: %v", root, err)
+		}
+		m := map[string]float64{}
+		if err := json.Unmarshal(out, &m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	res := map[string][2][]float64{}
+	addRes := func(i int, m map[string]float64) {
+		for _, k := range []string{"stat_s", "seq_files_mbps", "seq_big_mbps", "rand_big_mbps"} {
+			v := res[k]
+			v[i] = append(v[i], m[k])
+			res[k] = v
+		}
+	}
+	for rep := 0; rep < reps; rep++ {
+		dir := filepath.Join(e.dir, fmt.Sprint("rep", rep))
+		cfg := Config{Mountpoint: filepath.Join(dir, "dupsnap", "rootfs"), CASRoot: e.cas.Root(),
+			ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: []digest.Digest{layer},
+			StateDir: filepath.Join(dir, "dupsnap", "state")}
+		if ptMin >= 0 {
+			cfg.PassthroughMinSize = &ptMin
+		}
+		os.MkdirAll(cfg.Mountpoint, 0o755)
+		var stopInproc func()
+		if os.Getenv("DUPSNAP_MEASURE_INPROC") != "" {
+			stopInproc = serve(t, cfg) // for go test -cpuprofile
+		} else {
+			startServer(t, bin, cfg, filepath.Join(dir, "server.log"))
+		}
+		ovl := filepath.Join(dir, "ovl", "rootfs")
+		for _, d := range []string{ovl, ovl + "-u", ovl + "-w"} {
+			os.MkdirAll(d, 0o755)
+		}
+		if err := syscall.Mount("overlay", ovl, "overlay", 0, "lowerdir="+lower+",upperdir="+ovl+"-u,workdir="+ovl+"-w"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Unmount(ovl, syscall.MNT_DETACH) })
+		var d, o map[string]float64
+		if rep%2 == 0 {
+			o, d = run(ovl), run(cfg.Mountpoint)
+		} else {
+			d, o = run(cfg.Mountpoint), run(ovl)
+		}
+		addRes(0, d)
+		addRes(1, o)
+		if rep == reps-1 {
+			time.Sleep(statsInterval + time.Second)
+			st, err := ReadStats(cfg.Mountpoint)
+			if err == nil {
+				for op, s := range st.Ops {
+					t.Logf("server op %-8s count %6d  mean %6.1f us", op, s.Count, s.Seconds/float64(s.Count)*1e6)
+				}
+			}
+		}
+		if stopInproc != nil {
+			stopInproc()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		Stop(ctx, cfg.Mountpoint)
+		cancel()
+		forceUnmount(cfg.Mountpoint)
+		syscall.Unmount(ovl, syscall.MNT_DETACH)
+	}
+	load, _ := os.ReadFile("/proc/loadavg")
+	t.Logf("load: %s", strings.TrimSpace(string(load)))
+	for _, k := range []string{"stat_s", "seq_files_mbps", "seq_big_mbps", "rand_big_mbps"} {
+		v := res[k]
+		dm, om := median(v[0]), median(v[1])
+		ratio := dm / om
+		if k == "stat_s" {
+			ratio = om / dm
+		}
+		t.Logf("%-15s dupsnap %9.4f  overlayfs %9.4f  ratio %.3f  (dupsnap %v overlayfs %v)", k, dm, om, ratio, fmtReps(v[0]), fmtReps(v[1]))
+	}
+}

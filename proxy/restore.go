@@ -88,9 +88,9 @@ func (s *Server) writeLayer(ctx context.Context, rec *layerRecord, w io.Writer) 
 	if err != nil {
 		return err
 	}
-	tar := s.exportPipe(ctx, m)
-	defer tar.Close()
-	return r.Apply(ctx, w, tar)
+	// Restore re-compresses in parallel when the recipe has checkpoints,
+	// verifies, and opens the tar again only to fall back to one run.
+	return r.Restore(ctx, w, func() (io.ReadCloser, error) { return s.exportPipe(ctx, m), nil }, rec.Digest)
 }
 
 // predictJob restores the layers of an image ahead of the client's blob GETs.

@@ -30,17 +30,9 @@ func (r *Recipe) checkpointable() bool {
 	return r.Format == FormatGzip && r.enc == encGoFlate && goflate.Supported(r.level)
 }
 
-// addCheckpoints records the encoder's checkpoints for a verified gzip/go
-// recipe, then proves that the chunked re-compression reproduces the blob;
-// otherwise r is left without checkpoints (restored sequentially).
-func (r *Recipe) addCheckpoints(ctx context.Context, blob io.ReaderAt, blobSize int64, d digest.Digest, tar func() (io.ReadCloser, error)) error {
-	if !r.checkpointable() || r.chunked() {
-		return nil
-	}
-	cps, ok, err := r.capture(ctx, blob, blobSize, d, tar)
-	if err != nil || !ok || len(cps) == 0 {
-		return err
-	}
+// addCheckpoints gives r (proven by goflate's capturing run, which recorded
+// cps) its checkpoints if the chunked re-compression reproduces the blob.
+func (r *Recipe) addCheckpoints(ctx context.Context, blob io.ReaderAt, blobSize int64, d digest.Digest, tar func() (io.ReadCloser, error), cps []goflate.Checkpoint) (bool, error) {
 	for step := 2; len(cps) > maxCheckpoints; step++ {
 		var thin []goflate.Checkpoint
 		for i := step - 1; i < len(cps); i += step {
@@ -55,26 +47,26 @@ func (r *Recipe) addCheckpoints(ctx context.Context, blob io.ReaderAt, blobSize 
 		off := int64(len(r.header)) + c.chunkStart(i).Bit/8
 		b := make([]byte, c.chunkBytes(i))
 		if _, err := blob.ReadAt(b, off); err != nil {
-			return fmt.Errorf("recipe: checkpoints: read blob: %w", err)
+			return false, fmt.Errorf("recipe: checkpoints: read blob: %w", err)
 		}
 		c.crcs[i] = crc32.Checksum(b, castagnoli)
 	}
 	rc, err := tar()
 	if err != nil {
-		return fmt.Errorf("recipe: checkpoints: open tar: %w", err)
+		return false, fmt.Errorf("recipe: checkpoints: open tar: %w", err)
 	}
 	defer rc.Close()
 	v := d.Verifier()
 	n, err := c.applyChunked(ctx, v, rc)
 	switch {
 	case ctx.Err() != nil:
-		return fmt.Errorf("recipe: checkpoints: %w", ctx.Err())
+		return false, fmt.Errorf("recipe: checkpoints: %w", ctx.Err())
 	case err != nil || n != blobSize || !v.Verified():
 		log.G(ctx).WithError(err).WithField("digest", d).Warn("recipe: chunked re-compression does not reproduce the blob: sequential restore only")
-		return nil
+		return false, nil
 	}
 	r.cps, r.crcs = c.cps, c.crcs
-	return nil
+	return true, nil
 }
 
 // capture runs goflate's capturing encoder over the tar, comparing with the

@@ -221,7 +221,11 @@ func TestGoldenCheckpoints(t *testing.T) {
 		}
 		r.size = int64(blob.Len())
 		d := digest.FromBytes(blob.Bytes())
-		if err := r.addCheckpoints(context.Background(), bytes.NewReader(blob.Bytes()), r.size, d, tarFunc(tb)); err != nil || !r.chunked() {
+		cps, ok, err := r.capture(context.Background(), bytes.NewReader(blob.Bytes()), r.size, d, tarFunc(tb))
+		if err != nil || !ok {
+			t.Fatalf("level %d: capture: %v %v", level, ok, err)
+		}
+		if ok, err := r.addCheckpoints(context.Background(), bytes.NewReader(blob.Bytes()), r.size, d, tarFunc(tb), cps); err != nil || !ok {
 			t.Fatalf("level %d: no checkpoints: %v", level, err)
 		}
 		got := digest.FromBytes(r.marshalChunks()).Encoded()

@@ -9,6 +9,8 @@ import (
 	"io"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/proxy/recipe/internal/goflate"
 )
 
 // prefixSize is how much tar each candidate compresses before the survivors
@@ -29,69 +31,92 @@ var zstdMagic = []byte{0x28, 0xb5, 0x2f, 0xfd}
 // restore, see chunked.go) when a chunked re-compression reproduces the
 // blob too: two more runs over the tar, one of them parallel.
 func Detect(ctx context.Context, blob io.ReaderAt, blobSize int64, blobDigest digest.Digest, tar func() (io.ReadCloser, error)) (*Recipe, error) {
-	r, err := detect(ctx, blob, blobSize, blobDigest, tar)
-	if r == nil || err != nil {
+	r, cps, err := detect(ctx, blob, blobSize, blobDigest, tar)
+	if r == nil || err != nil || cps == nil {
 		return r, err
 	}
-	if err := r.addCheckpoints(ctx, blob, blobSize, blobDigest, tar); err != nil {
+	if len(cps) > 0 {
+		ok, err := r.addCheckpoints(ctx, blob, blobSize, blobDigest, tar, cps)
+		if err != nil || ok {
+			return r, err
+		}
+	}
+	// No checkpoints (a small layer, or chunks that did not reproduce the
+	// blob): the recipe restores with compress/flate, so it must be the one
+	// proven, run as restores run it.
+	if ok, err := r.runFull(ctx, blob, blobSize, blobDigest, tar); err != nil || !ok {
 		return nil, err
 	}
 	return r, nil
 }
 
-func detect(ctx context.Context, blob io.ReaderAt, blobSize int64, blobDigest digest.Digest, tar func() (io.ReadCloser, error)) (*Recipe, error) {
+// detect finds the recipe; for a compress/flate level 4-9 candidate the full
+// verifying run is goflate's capturing one, which also yields checkpoints.
+func detect(ctx context.Context, blob io.ReaderAt, blobSize int64, blobDigest digest.Digest, tar func() (io.ReadCloser, error)) (*Recipe, []goflate.Checkpoint, error) {
 	if err := blobDigest.Validate(); err != nil {
-		return nil, fmt.Errorf("recipe: detect: %w", err)
+		return nil, nil, fmt.Errorf("recipe: detect: %w", err)
 	}
 	head := make([]byte, min(blobSize, int64(maxGzipHeader)))
 	if _, err := blob.ReadAt(head, 0); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("recipe: detect: read blob header: %w", err)
+		return nil, nil, fmt.Errorf("recipe: detect: read blob header: %w", err)
 	}
 	var cands []*Recipe
 	switch {
 	case len(head) >= 10 && head[0] == 0x1f && head[1] == 0x8b:
 		h, err := parseGzipHeader(head)
 		if err != nil {
-			return nil, nil // a header we cannot keep verbatim: retain the blob
+			return nil, nil, nil // a header we cannot keep verbatim: retain the blob
 		}
 		cands = gzipCandidates(h, bytes.Clone(head[:h.len]), blobSize)
 	case len(head) >= 6 && bytes.Equal(head[:4], zstdMagic):
 		cands = zstdCandidates(head, blobSize)
 	}
 	if len(cands) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
 
 	prefix, complete, err := readPrefix(ctx, tar)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var survivors []*Recipe
 	for _, c := range cands {
 		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("recipe: detect: %w", err)
+			return nil, nil, fmt.Errorf("recipe: detect: %w", err)
 		}
 		ok, err := c.run(ctx, blob, blobSize, blobDigest, bytes.NewReader(prefix), complete)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if ok && complete {
-			return c, nil // the whole tar was the prefix: verified already
+			return c, nil, nil // the whole tar was the prefix: verified already
 		}
 		if ok {
 			survivors = append(survivors, c)
 		}
 	}
 	for _, c := range survivors {
+		if c.checkpointable() {
+			cps, ok, err := c.capture(ctx, blob, blobSize, blobDigest, tar)
+			if err != nil {
+				return nil, nil, err
+			}
+			if ok {
+				if cps == nil {
+					cps = []goflate.Checkpoint{}
+				}
+				return c, cps, nil
+			}
+		}
 		ok, err := c.runFull(ctx, blob, blobSize, blobDigest, tar)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if ok {
-			return c, nil
+			return c, nil, nil
 		}
 	}
-	return nil, nil
+	return nil, nil, nil
 }
 
 // readPrefix reads up to prefixSize bytes of tar; complete reports EOF.

@@ -16,12 +16,14 @@
 // a recipe that no longer reproduces its digest falls back to the retained blob
 // only if the caller verifies the digest, which it must (ApplyVerified).
 //
-// Restore speed is that of one single-threaded encoder (e.g. ~30-80 MB/s for
-// compress/gzip default on this class of machine). It is not parallelised:
-// flate output across a block boundary depends on the encoder's hash chains,
-// lazy-match state and bit alignment, which neither compress/flate nor
-// klauspost expose, and klauspost's faster flate does not reproduce
-// compress/flate's bytes (see the golden digests).
+// Restore speed is that of one encoder (~40-50 MB/s of tar for compress/gzip
+// level 6 on one core of this class of machine), except for compress/flate
+// levels 4-9, the default of Go's gzip and so of most image tools built in
+// Go: there ingest records the encoder's state at deflate block boundaries
+// (internal/goflate, a copy of compress/flate that can stop and resume
+// there), and restore re-compresses the stretches between them on all
+// cores and joins them bit-exactly (chunked.go). Other encoders (levels 1-3,
+// klauspost) expose no such state and stay sequential.
 package recipe
 
 import (

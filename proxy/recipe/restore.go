@@ -45,7 +45,11 @@ func (r *Recipe) Restore(ctx context.Context, w io.Writer, open func() (io.ReadC
 			Warn("recipe: parallel restore failed (damaged checkpoints?): finishing sequentially")
 	}
 	err := r.withTar(open, func(tar io.Reader) error {
-		return r.applySequential(ctx, &skipWriter{w: hw, skip: done}, tar)
+		sw := &skipWriter{w: hw, skip: done}
+		if r.chunked() {
+			return r.applyGoflate(ctx, sw, tar)
+		}
+		return r.applySequential(ctx, sw, tar)
 	})
 	if err != nil {
 		return fmt.Errorf("recipe: restore %s: %w", r.Encoder(), err)

@@ -49,6 +49,8 @@ func (s *Snapshotter) rootfsConfig(id string, parentIDs []string, readOnly bool)
 		Layers:       layers,
 		ReadOnly:     readOnly,
 		Debug:        s.cfg.RootfsDebug,
+		// A live server keeps the threshold it started with (rootfs.json).
+		PassthroughMinSize: s.cfg.PassthroughMinSize,
 	}
 	if !readOnly {
 		cfg.StateDir = p.state()

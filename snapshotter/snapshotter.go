@@ -58,6 +58,9 @@ type Config struct {
 	RegionReserve   int64
 	RegionBlockSize int
 	DefaultMaxSize  int64
+	// PassthroughMinSize is rootfs.Config.PassthroughMinSize of every
+	// rootfs (nil: the pkg/rootfs default).
+	PassthroughMinSize *int64
 	// Fetcher, when set, is asked for a layer the node lacks before an
 	// unpack is handed to containerd (dedup offloading, snapshotter/offload).
 	Fetcher LayerFetcher

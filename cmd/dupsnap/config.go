@@ -24,6 +24,8 @@ type serveConfig struct {
 		RegionReserve   int64  `toml:"region_reserve"`
 		RegionBlockSize int    `toml:"region_block_size"`
 		DefaultMaxSize  int64  `toml:"default_max_size"`
+		// PassthroughMinSize: nil (unset) means the pkg/rootfs default.
+		PassthroughMinSize *int64 `toml:"passthrough_min_size"`
 	} `toml:"rootfs"`
 	Unpack struct {
 		LowerView bool `toml:"lower_view"`

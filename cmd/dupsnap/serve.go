@@ -89,9 +89,10 @@ func runServe(ctx context.Context, args []string) error {
 		NoSync:       cfg.CAS.NoSync,
 		NoLowerView:  !cfg.Unpack.LowerView,
 
-		RegionReserve:   cfg.Rootfs.RegionReserve,
-		RegionBlockSize: cfg.Rootfs.RegionBlockSize,
-		DefaultMaxSize:  cfg.Rootfs.DefaultMaxSize,
+		RegionReserve:      cfg.Rootfs.RegionReserve,
+		RegionBlockSize:    cfg.Rootfs.RegionBlockSize,
+		DefaultMaxSize:     cfg.Rootfs.DefaultMaxSize,
+		PassthroughMinSize: cfg.Rootfs.PassthroughMinSize,
 	}
 	if fetcher != nil {
 		defer fetcher.Close()

@@ -22,6 +22,14 @@ func (s *Server) getBlob(w http.ResponseWriter, r *http.Request, rc *reqCtx, d d
 	if err != nil {
 		return err
 	}
+	if r.Method == http.MethodGet && r.Header.Get("Range") == "" && link.Size >= 0 && !s.cache.has(d) {
+		// A layer rebuilt from the store: stream it while it is restored.
+		if rec, err := s.layerRecord(ctx, d); err == nil && !rec.Retained {
+			if err := s.serveLive(w, r, rec); !errors.Is(err, errNotLive) {
+				return err
+			}
+		}
+	}
 	f, err := s.openBlob(ctx, rc, d, link)
 	if err != nil {
 		return s.offline(err, codeBlobUnknown)

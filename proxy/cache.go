@@ -23,6 +23,7 @@ type blobCache struct {
 	size  int64
 	lru   *list.List // front = most recent; values *cacheEntry
 	index map[digest.Digest]*list.Element
+	live  map[digest.Digest]*liveBlob // restores in progress (live.go)
 }
 
 type cacheEntry struct {
@@ -34,7 +35,7 @@ func newBlobCache(dir string, max int64) (*blobCache, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "tmp"), 0o700); err != nil {
 		return nil, fmt.Errorf("creating cache dir: %w", err)
 	}
-	c := &blobCache{dir: dir, max: max, lru: list.New(), index: map[digest.Digest]*list.Element{}}
+	c := &blobCache{dir: dir, max: max, lru: list.New(), index: map[digest.Digest]*list.Element{}, live: map[digest.Digest]*liveBlob{}}
 	// Adopt what a previous run left, oldest first so the newest end up in front.
 	type found struct {
 		e   cacheEntry

@@ -30,25 +30,36 @@ func (s *Server) restore(ctx context.Context, rec *layerRecord) error {
 
 func (s *Server) restoreOnce(ctx context.Context, rec *layerRecord) error {
 	start := time.Now()
+	// GETs arriving meanwhile stream the bytes from the temp file (live.go).
+	live := s.cache.liveFor(rec.Digest, rec.Size)
+	defer s.cache.dropLive(rec.Digest, live)
 	tmp, err := s.cache.tempFile()
 	if err != nil {
+		live.finish(err)
 		return err
 	}
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
+	live.start(tmp.Name())
 	v := rec.Digest.Verifier()
-	w := io.MultiWriter(tmp, v)
+	w := io.MultiWriter(live.writer(tmp), v)
 	if err := s.writeLayer(ctx, rec, w); err != nil {
-		return fmt.Errorf("restoring layer %s: %w", rec.Digest, err)
+		err = fmt.Errorf("restoring layer %s: %w", rec.Digest, err)
+		live.finish(err)
+		return err
 	}
 	fi, err := tmp.Stat()
 	if err != nil {
+		live.finish(err)
 		return err
 	}
 	if fi.Size() != rec.Size || !v.Verified() {
 		log.G(ctx).WithField("digest", rec.Digest).WithField("format", rec.Format).Error("restored layer does not match its digest: store damaged?")
-		return fmt.Errorf("restoring layer %s (%s): %w", rec.Digest, rec.Format, errDigestMismatch)
+		err := fmt.Errorf("restoring layer %s (%s): %w", rec.Digest, rec.Format, errDigestMismatch)
+		live.finish(err)
+		return err
 	}
+	live.finish(nil)
 	if err := s.cache.add(rec.Digest, tmp.Name(), fi.Size()); err != nil {
 		return err
 	}

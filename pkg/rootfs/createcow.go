@@ -50,7 +50,7 @@ func (n *node) createCow(ctx context.Context, d *entryState, dp, name string, mo
 		return fail(err)
 	}
 	delete(n.r.copyup, st.Ino) // a reused st_ino is a new inode
-	ch := n.NewInode(ctx, &node{r: n.r}, fs.StableAttr{Mode: syscall.S_IFREG, Ino: upperInoBase + st.Ino})
+	ch := n.r.newUpperInode(ctx, n.EmbeddedInode(), syscall.S_IFREG, st.Ino)
 	upperAttr(&st, ch.StableAttr().Ino, &out.Attr)
 	return ch, &cowHandle{r: n.r, ci: ci, n: ch.Operations().(*node)}, fuse.FOPEN_KEEP_CACHE, 0
 }

@@ -41,6 +41,7 @@ type rootFS struct {
 	// copyup maps the upper st_ino of a copied-up image inode to the inode
 	// number the kernel already knows it by, so it keeps its identity.
 	copyup map[uint64]uint64
+	gens   inoGens // generations of reused upper inode numbers (gen.go)
 	// links lists every image path of multiply linked image inodes: copy-up
 	// links the copy to all its still visible names.
 	links map[*layout.Node][]string

@@ -93,7 +93,7 @@ func (n *node) created(ctx context.Context, d *entryState, dp, name string, mode
 	}
 	delete(n.r.copyup, st.Ino) // a reused st_ino is a new inode
 	es := entryState{up: true, st: st}
-	ch := n.NewInode(ctx, &node{r: n.r}, fs.StableAttr{Mode: st.Mode & syscall.S_IFMT, Ino: upperInoBase + st.Ino})
+	ch := n.r.newUpperInode(ctx, n.EmbeddedInode(), st.Mode, st.Ino)
 	upperAttr(&st, ch.StableAttr().Ino, &out.Attr)
 	_ = es
 	return ch, 0

@@ -83,7 +83,20 @@ func (n *node) state() (entryState, string, syscall.Errno) {
 	if errno == 0 && !es.exists() {
 		errno = syscall.ENOENT
 	}
+	if errno == 0 && es.up && !n.IsRoot() && !n.owns(&es.st) {
+		// The upper dir already has another file at n's path, but go-fuse
+		// has not moved n yet: a rename's tree update runs only after its
+		// handler returned. Never answer for n with that file's data.
+		errno = syscall.ESTALE
+	}
 	return es, p, errno
+}
+
+// owns reports whether upper entry st is the file n stands for.
+func (n *node) owns(st *syscall.Stat_t) bool {
+	sa := n.StableAttr()
+	ino := n.r.inoFor(st, n.lower)
+	return ino == sa.Ino && sa.Gen == n.r.gens.current(ino)
 }
 
 // attr fills a from state es of n, at path p.
@@ -107,11 +120,15 @@ func (n *node) attr(p string, es *entryState, a *fuse.Attr) {
 func (r *rootFS) newNode(parent *fs.Inode, ctx context.Context, es *entryState, lower *layout.Node) *fs.Inode {
 	var sa fs.StableAttr
 	if es.up {
-		sa = fs.StableAttr{Mode: es.st.Mode & syscall.S_IFMT, Ino: r.inoFor(&es.st, lower)}
+		ino := r.inoFor(&es.st, lower)
+		sa = fs.StableAttr{Mode: es.st.Mode & syscall.S_IFMT, Ino: ino, Gen: r.gens.current(ino)}
 	} else {
 		sa = fs.StableAttr{Mode: typeBits(es.lower.Entry.Type), Ino: es.lower.Ino}
 	}
-	return parent.NewInode(ctx, &node{r: r, lower: lower}, sa)
+	nn := &node{r: r, lower: lower}
+	ch := parent.NewInode(ctx, nn, sa)
+	r.gens.made(ch, nn)
+	return ch
 }
 
 func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {

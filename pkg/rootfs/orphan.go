@@ -56,6 +56,7 @@ func (r *rootFS) pinVictim(victim *fs.Inode, up string) {
 
 // OnForget drops the pin: the kernel no longer knows this node.
 func (n *node) OnForget() {
+	n.r.gens.forgot(n.StableAttr().Ino)
 	if ci := n.pinned.Swap(nil); ci != nil {
 		n.r.release(ci)
 	}

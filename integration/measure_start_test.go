@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -42,7 +43,19 @@ func TestMeasureStart(t *testing.T) {
 	}
 	harness.Require(t, harness.DupsnapBin())
 	dir := harness.TempDir(t, "dsstart-")
-	d := harness.StartDupsnap(ctx, t, dir, "")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	maddr := l.Addr().String()
+	l.Close()
+	d := harness.StartDupsnap(ctx, t, dir, "", "--metrics-address", maddr)
+	opAvg := func(op string) (sum, count float64) {
+		url := "http://" + maddr + "/metrics"
+		sum, _ = harness.ScrapeMetric(ctx, url, `dupsnap_snapshot_operation_seconds_sum{op="`+op+`"}`)
+		count, _ = harness.ScrapeMetric(ctx, url, `dupsnap_snapshot_operation_seconds_count{op="`+op+`"}`)
+		return sum, count
+	}
 	c := harness.StartContainerd(ctx, t, dir, harness.ContainerdOptions{DupsnapSocket: d.Socket, DupsnapRoot: d.Root})
 	reg := harness.StartRegistry(ctx, t, dir)
 	t.Cleanup(func() {
@@ -73,6 +86,8 @@ func TestMeasureStart(t *testing.T) {
 		}
 	}
 	times := map[string][]time.Duration{}
+	ps0, pc0 := opAvg("prepare")
+	rs0, rc0 := opAvg("remove")
 	for r := 0; r < reps; r++ {
 		order := []string{"dupsnap", "overlayfs"}
 		if r%2 == 1 {
@@ -87,6 +102,10 @@ func TestMeasureStart(t *testing.T) {
 			times[sn] = append(times[sn], time.Since(t0))
 		}
 	}
+	ps1, pc1 := opAvg("prepare")
+	rs1, rc1 := opAvg("remove")
+	avgMs := func(s, c float64) float64 { return s / max(c, 1) * 1e3 }
+	t.Logf("dupsnap daemon, timed runs: Prepare avg %.1f ms (%v), Remove avg %.1f ms (%v)", avgMs(ps1-ps0, pc1-pc0), pc1-pc0, avgMs(rs1-rs0, rc1-rc0), rc1-rc0)
 	// Where a server's start goes: its own log, of kept containers.
 	for i := 0; i < 3; i++ {
 		id := fmt.Sprintf("keep%d", i)

@@ -89,7 +89,9 @@ func (s *Snapshotter) startRootfs(ctx context.Context, cfg rootfs.Config, logFil
 	return nil
 }
 
-// stopRootfs stops the server at mountpoint if one is there.
+// stopRootfs stops the server at mountpoint if one is there. Every caller
+// (Remove, Commit, Cleanup) deletes the snapshot's state right after, so
+// the server is discarded, not left to sync it.
 func (s *Snapshotter) stopRootfs(ctx context.Context, mountpoint string) error {
 	if _, err := os.Lstat(mountpoint); errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -98,7 +100,7 @@ func (s *Snapshotter) stopRootfs(ctx context.Context, mountpoint string) error {
 	if len(mps) == 0 && !rootfs.Alive(mountpoint) {
 		return nil
 	}
-	if err := rootfs.Stop(ctx, mountpoint); err != nil {
+	if err := rootfs.Discard(ctx, mountpoint); err != nil {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("rootfs stop failed, detaching")
 	}
 	detachStale(ctx, mountpoint)

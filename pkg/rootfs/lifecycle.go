@@ -213,7 +213,15 @@ const stopTimeout = 10 * time.Second
 // Stop unmounts mountpoint, waits up to ctx (at most stopTimeout) for the
 // server to exit, and only if it is stuck aborts its FUSE connection (see
 // conn.go: through a handle opened while the mount exists) and kills it.
-func Stop(ctx context.Context, mountpoint string) error {
+func Stop(ctx context.Context, mountpoint string) error { return stop(ctx, mountpoint, false) }
+
+// Discard is Stop for a rootfs whose state is deleted next (Remove,
+// Commit): once the mount is gone, the server is killed instead of left to
+// sync its region and publish its last stats, which nobody will read.
+// Busy mounts are only detached, as in Stop, and the server waited for.
+func Discard(ctx context.Context, mountpoint string) error { return stop(ctx, mountpoint, true) }
+
+func stop(ctx context.Context, mountpoint string, discard bool) error {
 	pid := readPid(mountpoint)
 	if pid != 0 && !ourProcess(pid) {
 		pid = 0
@@ -222,16 +230,21 @@ func Stop(ctx context.Context, mountpoint string) error {
 	if conn != nil {
 		defer conn.Close()
 	}
+	detached := false
 	for i := 0; i < 3 && Mounted(mountpoint); i++ {
 		err := syscall.Unmount(mountpoint, 0)
 		if errors.Is(err, syscall.EBUSY) {
 			// Still in use (a container's bind mount): detach; the server
 			// exits when the last user goes.
 			err = syscall.Unmount(mountpoint, syscall.MNT_DETACH)
+			detached = true
 		}
 		if err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
 			return fmt.Errorf("rootfs: unmount %s: %w", mountpoint, err)
 		}
+	}
+	if discard && !detached && pid != 0 && ourProcess(pid) {
+		syscall.Kill(pid, syscall.SIGKILL)
 	}
 	if pid != 0 && !waitExit(ctx, pid, stopTimeout) {
 		log.G(ctx).WithField("pid", pid).WithField("mountpoint", mountpoint).Warn("rootfs: server did not exit, aborting its connection")

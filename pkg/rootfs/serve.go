@@ -181,7 +181,11 @@ func Serve(ctx context.Context, cfg Config) error {
 	if cfg.StateDir != "" && !cfg.ReadOnly {
 		regCh = make(chan regionResult, 1)
 		go func() {
+			spare := takeSpareRegion(cfg)
 			reg, err := openRegion(ctx, cfg, cfg.upperDir())
+			if err != nil && spare {
+				err = fmt.Errorf("%w (a spare region from the pool)", err)
+			}
 			regCh <- regionResult{reg, err}
 		}()
 	}
@@ -247,6 +251,12 @@ func Serve(ctx context.Context, cfg Config) error {
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
 		WithField("cached_tree", cached).WithField("phases", ph.String()).Info("rootfs: serving")
 	// Everything below is off the container's start path.
+	if regCh != nil {
+		rctx, rcancel := context.WithCancel(ctx)
+		var refill sync.WaitGroup
+		refill.Go(func() { refillRegionPool(rctx, cfg) })
+		defer func() { rcancel(); refill.Wait() }()
+	}
 	if !cfg.ReadOnly {
 		// Views have no region files: everything there is passthrough.
 		if err := setReadahead(cfg.Mountpoint, readaheadKiB); err != nil {

@@ -10,6 +10,8 @@ import (
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
+
+	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
 // fileHandle is an open regular file: either the read-only CAS object of a
@@ -20,6 +22,7 @@ type fileHandle struct {
 	up   bool
 	ino  uint64
 	pt   *node // counted in pt.pt while open (passthrough to obj)
+	bk   *node // obj is bk's shared backing (see backing.go): not ours to close
 }
 
 var (
@@ -44,20 +47,20 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 		return nil, 0, syscall.EROFS
 	}
 	if _, ok := n.path(); !ok {
-		return n.openOrphan(flags)
+		return n.openNameless(ctx, flags)
 	}
 	if !writeIntent(flags) {
 		n.r.mu.RLock()
 		es, p, errno := n.state()
 		n.r.mu.RUnlock()
 		if errno == syscall.ESTALE {
-			return n.openOrphan(flags) // lost its name just now
+			return n.openNameless(ctx, flags) // lost its name just now
 		}
 		if errno != 0 {
 			return nil, 0, errno
 		}
 		if !es.up {
-			return n.openLower(&es)
+			return n.openLowerCtx(ctx, &es)
 		}
 		if n.pt.Load() > 0 {
 			n.r.mu.Lock()
@@ -74,7 +77,7 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	defer n.r.mu.Unlock()
 	es, p, errno := n.state()
 	if errno == syscall.ESTALE {
-		return n.openOrphan(flags)
+		return n.openNameless(ctx, flags)
 	}
 	if errno != 0 {
 		return nil, 0, errno
@@ -110,6 +113,17 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	return &fileHandle{data: d, up: true, ino: n.StableAttr().Ino}, 0, 0
 }
 
+// openNameless opens a node without a name: a clean image file as
+// openLowerCtx (with passthrough), anything else through openOrphan.
+func (n *node) openNameless(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
+	if n.pinned.Load() == nil && n.lower != nil && !writeIntent(flags) &&
+		n.lower.Entry.Type == layout.TypeFile && n.StableAttr().Ino == n.lower.Ino {
+		es := entryState{lower: n.lower}
+		return n.openLowerCtx(ctx, &es)
+	}
+	return n.openOrphan(flags)
+}
+
 // newIdentity handles an open of a modified file whose kernel inode still
 // has passthrough opens of its clean CAS object. The kernel wants every
 // open of such an inode to be passthrough to that same backing file (a
@@ -126,6 +140,12 @@ func (n *node) newIdentity(st *syscall.Stat_t) syscall.Errno {
 // directly (passthrough), sharing page cache with every other container;
 // files below PassthroughMinSize are cached FUSE files (see smallHandle).
 func (n *node) openLower(es *entryState) (fs.FileHandle, uint32, syscall.Errno) {
+	return n.openLowerCtx(nil, es)
+}
+
+// openLowerCtx is openLower for an OPEN request (ctx): only then can the
+// reply carry the passthrough backing (see rootFS.passthroughOpen).
+func (n *node) openLowerCtx(ctx context.Context, es *entryState) (fs.FileHandle, uint32, syscall.Errno) {
 	e := &es.lower.Entry
 	if e.Size > 0 && e.Size < n.r.ptMin {
 		h := &smallHandle{r: n.r, dg: e.Digest, size: e.Size}
@@ -136,22 +156,21 @@ func (n *node) openLower(es *entryState) (fs.FileHandle, uint32, syscall.Errno) 
 	}
 	h := &fileHandle{ino: es.lower.Ino}
 	if e.Size > 0 {
-		f, err := n.r.cas.OpenFile(e.Digest)
-		if err != nil {
-			logErr(context.Background(), "open object", e.Digest.String(), err)
-			return nil, 0, syscall.EIO
+		f, id, errno := n.acquireBacking(e.Digest)
+		if errno != 0 {
+			return nil, 0, errno
 		}
-		h.obj = f
+		h.obj, h.bk = f, n
 		h.pt = n
 		n.pt.Add(1)
+		n.r.passthroughOpen(ctx, id)
 	}
 	return h, fuse.FOPEN_KEEP_CACHE, 0
 }
 
+// PassthroughFd: upper files only; a clean image file's backing is
+// registered by backing.go and kept across opens.
 func (h *fileHandle) PassthroughFd() (int, bool) {
-	if h.obj != nil {
-		return int(h.obj.Fd()), true
-	}
 	if h.data != nil {
 		if fd := h.data.Fd(); fd != ^uintptr(0) {
 			return int(fd), true
@@ -194,7 +213,9 @@ func (h *fileHandle) Fsync(ctx context.Context, flags uint32) syscall.Errno {
 }
 
 func (h *fileHandle) Release(ctx context.Context) syscall.Errno {
-	if h.obj != nil {
+	if h.bk != nil {
+		h.bk.releaseBacking()
+	} else if h.obj != nil {
 		h.obj.Close()
 	}
 	if h.pt != nil {

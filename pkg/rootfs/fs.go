@@ -51,6 +51,7 @@ type rootFS struct {
 	dirEnts  sync.Map // *layout.Node -> []fuse.DirEntry (lowerEntries)
 
 	cowState      // region of an active snapshot (region nil for views)
+	backings      // passthrough backing files kept across opens
 	plainNew bool // Config.PlainNewFiles
 	// ptMin: clean image files at least this large are passthrough
 	// (Config.PassthroughMinSize).

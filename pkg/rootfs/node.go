@@ -35,6 +35,8 @@ type node struct {
 	// dirSnap is the listing of an upper directory that READDIRs after
 	// the first continue (see dirHandle).
 	dirSnap atomic.Pointer[[]fuse.DirEntry]
+	// bk is the passthrough backing of a clean image file (backing.go).
+	bk backing
 }
 
 var (

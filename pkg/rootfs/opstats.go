@@ -147,6 +147,10 @@ func mountCounted(dir string, root fs.InodeEmbedder, opts *fs.Options, st *opSta
 	if err != nil {
 		return nil, err
 	}
+	if n, ok := root.(*node); ok {
+		raw.r = n.r
+		n.r.srv = server // before Serve: no request has arrived yet
+	}
 	go server.Serve()
 	if err := server.WaitMount(); err != nil {
 		return nil, err
@@ -159,6 +163,7 @@ func mountCounted(dir string, root fs.InodeEmbedder, opts *fs.Options, st *opSta
 type countedFS struct {
 	fuse.RawFileSystem
 	st *opStats
+	r  *rootFS
 }
 
 func (c *countedFS) Lookup(cancel <-chan struct{}, h *fuse.InHeader, name string, out *fuse.EntryOut) fuse.Status {
@@ -178,7 +183,16 @@ func (c *countedFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fus
 
 func (c *countedFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	defer c.st.since("open", time.Now())
-	return c.RawFileSystem.Open(cancel, in, out)
+	st := c.RawFileSystem.Open(cancel, in, out)
+	if c.r != nil {
+		// A clean image file's passthrough backing (backing.go).
+		if id, ok := c.r.takePending(cancel); ok && st.Ok() {
+			out.BackingID = id
+			out.OpenFlags |= fuse.FOPEN_PASSTHROUGH
+			out.OpenFlags &^= fuse.FOPEN_KEEP_CACHE // the kernel fails such an open with EIO (go-fuse clears it too)
+		}
+	}
+	return st
 }
 
 func (c *countedFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.ReadResult, fuse.Status) {

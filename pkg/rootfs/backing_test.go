@@ -1,0 +1,93 @@
+package rootfs
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// objectFds counts this process's descriptors open on the CAS object of
+// content body (the in-process server's backings).
+func objectFds(t *testing.T, e *env, body string) int {
+	t.Helper()
+	f, err := e.cas.OpenFile(digest.FromString(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := f.Name()
+	f.Close()
+	ents, _ := os.ReadDir("/proc/self/fd")
+	n := 0
+	for _, d := range ents {
+		if l, err := os.Readlink(filepath.Join("/proc/self/fd", d.Name())); err == nil && l == name {
+			n++
+		}
+	}
+	return n
+}
+
+// A passthrough file's CAS object and backing id are kept after the last
+// close (the next open costs no syscall), up to maxIdleBackings idle ones;
+// evicted backings are reopened correctly.
+func TestBackingKeptAcrossOpens(t *testing.T) {
+	needRoot(t)
+	old, oldStats := maxIdleBackings, statsInterval
+	maxIdleBackings, statsInterval = 2, 20*time.Millisecond
+	t.Cleanup(func() { maxIdleBackings, statsInterval = old, oldStats })
+	e := newEnv(t)
+	var ents []tarEntry
+	var bodies []string
+	for i := 0; i < 4; i++ {
+		b := strings.Repeat(fmt.Sprintf("%015d\n", i), (512<<10)/16)
+		bodies = append(bodies, b)
+		ents = append(ents, tarEntry{name: fmt.Sprint("f", i), body: b})
+	}
+	cfg := activeCfg(e, []digest.Digest{e.addLayer(t, makeTar(t, ents))})
+	serve(t, cfg)
+	read := func(i int) {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(cfg.Mountpoint, fmt.Sprint("f", i)))
+		if err != nil || !bytes.Equal(b, []byte(bodies[i])) {
+			t.Fatalf("f%d: %d bytes, %v", i, len(b), err)
+		}
+	}
+	for k := 0; k < 3; k++ {
+		read(0)
+	}
+	if n := objectFds(t, e, bodies[0]); n != 1 {
+		t.Fatalf("%d descriptors of f0's object after 3 open/close, want 1 (kept, not reopened)", n)
+	}
+	for i := 1; i < 4; i++ {
+		read(i)
+	}
+	if n := objectFds(t, e, bodies[0]) + objectFds(t, e, bodies[1]); n != 0 {
+		t.Fatalf("%d descriptors of the least recently used objects, want 0 (evicted)", n)
+	}
+	if n := objectFds(t, e, bodies[3]); n != 1 {
+		t.Fatalf("%d descriptors of f3's object, want 1", n)
+	}
+	// Evicted while another open handle holds the inode's backing: the
+	// kernel needs the same backing for every open of an inode.
+	h, err := os.Open(filepath.Join(cfg.Mountpoint, "f0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	for i := 1; i < 4; i++ {
+		read(i)
+	}
+	read(0)
+	buf := make([]byte, 16)
+	if _, err := h.ReadAt(buf, 16); err != nil || string(buf) != bodies[0][16:32] {
+		t.Fatalf("held f0: %q %v", buf, err)
+	}
+	if n := opCount(t, cfg.Mountpoint, "read"); n != 0 {
+		t.Fatalf("%d READs reached the server: not passthrough", n)
+	}
+}

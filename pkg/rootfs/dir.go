@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"sort"
+	"sync/atomic"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
@@ -25,6 +26,9 @@ type dirHandle struct {
 	pos  int
 	up   string // upper dir path, for fsyncdir ("" if none)
 	r    *rootFS
+	// snap is the node's kept listing (upper dirs): dropped once read to
+	// the end, so no listing outlives its reader.
+	snap *atomic.Pointer[[]fuse.DirEntry]
 }
 
 var (
@@ -60,7 +64,7 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 	}
 	h.up = n.r.upperPath(p)
 	if s := n.dirSnap.Load(); s != nil && flags&dirResume != 0 {
-		h.ents = *s
+		h.ents, h.snap = *s, &n.dirSnap
 		return h, 0, 0
 	}
 	ents, errno := n.r.list(&es, p)
@@ -68,6 +72,7 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 		return nil, 0, errno
 	}
 	h.ents = ents
+	h.snap = &n.dirSnap
 	n.dirSnap.Store(&ents)
 	return h, 0, 0
 }
@@ -153,6 +158,9 @@ func (h *dirHandle) Readdirent(ctx context.Context) (*fuse.DirEntry, syscall.Err
 	case h.pos-len(h.dots) < len(h.ents):
 		e = h.ents[h.pos-len(h.dots)]
 	default:
+		if h.snap != nil {
+			h.snap.Store(nil)
+		}
 		return nil, 0
 	}
 	h.pos++

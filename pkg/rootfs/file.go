@@ -52,6 +52,14 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 	if !writeIntent(flags) {
 		n.r.mu.RLock()
 		es, p, errno := n.state()
+		if errno == 0 && es.up && n.pt.Load() == 0 && n.r.region != nil && es.st.Mode&syscall.S_IFMT == syscall.S_IFREG {
+			if _, ok := readCowRef(n.r.upperPath(p)); ok {
+				// Still under the lock: a rename must not put another
+				// file at p between the check and the open.
+				defer n.r.mu.RUnlock()
+				return n.openCow(n.r.upperPath(p), flags)
+			}
+		}
 		n.r.mu.RUnlock()
 		if errno == syscall.ESTALE {
 			return n.openNameless(ctx, flags) // lost its name just now

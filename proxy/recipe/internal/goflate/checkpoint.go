@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 )
 
 // Checkpoint is the compressor's state right after a block was written:
@@ -96,10 +97,9 @@ func Resume(w io.Writer, level int, from Checkpoint, to *Checkpoint, data []byte
 	if to != nil && (to.Pos <= from.Pos || to.Bit < from.Bit || to.Base < from.Base) {
 		return 0, fmt.Errorf("goflate: checkpoint %v does not follow %v", *to, from)
 	}
-	d := &compressor{}
-	d.cw.w = w
-	d.w = newHuffmanBitWriter(&d.cw)
-	d.initDeflate(level)
+	d := compressors.Get().(*compressor)
+	defer func() { d.onBlock = nil; compressors.Put(d) }()
+	d.reset(w, level)
 	d.bitOrigin = from.Bit &^ 7
 	d.w.nbits = uint(from.Bit & 7)
 	d.base = from.Base
@@ -153,6 +153,33 @@ func Resume(w io.Writer, level int, from Checkpoint, to *Checkpoint, data []byte
 		return 0, err
 	}
 	return d.bitOrigin + d.cw.n*8, nil
+}
+
+// compressors are reused across chunks: each holds ~800 KiB of tables.
+var compressors = sync.Pool{New: func() any { return new(compressor) }}
+
+// reset makes d a fresh compressor writing to w (tables cleared).
+func (d *compressor) reset(w io.Writer, level int) {
+	window, tokens, bw := d.window, d.tokens, d.w
+	*d = compressor{}
+	d.cw.w = w
+	if bw == nil {
+		bw = newHuffmanBitWriter(&d.cw)
+	}
+	bw.reset(&d.cw)
+	d.w = bw
+	d.compressionLevel = levels[level]
+	if window == nil {
+		window = make([]byte, 2*windowSize)
+	}
+	d.window = window
+	d.tokens = tokens[:0]
+	if d.tokens == nil {
+		d.tokens = make([]token, 0, maxFlateBlockTokens+1)
+	}
+	d.hashOffset = 1
+	d.length = minMatchLength - 1
+	d.chainHead = -1
 }
 
 // valid rejects checkpoints Resume could not start from (corruption).

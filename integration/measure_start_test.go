@@ -128,7 +128,12 @@ func TestMeasureStart(t *testing.T) {
 		}
 	}
 	md, mo := median(times["dupsnap"]), median(times["overlayfs"])
-	srv := serverPhases(d.LogFile)
+	phs := prepPhases(d.LogFile)
+	srv := phs["servers"]
+	phs["stop"] = stopTimes(d.LogFile)
+	for _, name := range []string{"lookup", "metastore", "servers", "stop"} {
+		t.Logf("dupsnap %s: median %v of %d", name, median(phs[name]).Round(10*time.Microsecond), len(phs[name]))
+	}
 	t.Logf("MEASURE container start+exit (ctr run --rm, %d files, %d reps): dupsnap %v %v vs overlayfs %v %v: %.2fx (goal <= 1.2x); dupsnap Prepare starting the rootfs server: median %v of %d; load %s",
 		nfiles, reps, md.Round(100*time.Microsecond), round(times["dupsnap"]), mo.Round(100*time.Microsecond), round(times["overlayfs"]),
 		float64(md)/float64(mo), median(srv).Round(100*time.Microsecond), len(srv), loadAvg())
@@ -165,22 +170,45 @@ func startImage(t *testing.T, nfiles int) v1.Image {
 	return img
 }
 
-var serversPhase = regexp.MustCompile(`servers=([0-9.]+[a-zµ]+)`)
+var phaseRe = regexp.MustCompile(`(\w+)=([0-9.]+[a-zµ]+)`)
 
-// serverPhases are the "servers" phase durations of the rootfs Prepares
-// (mode rootfs) the daemon logged.
-func serverPhases(logFile string) []time.Duration {
+// prepPhases are the per-phase durations dupsnap logged for rootfs
+// Prepares (mode 0), by phase name.
+func prepPhases(logFile string) map[string][]time.Duration {
 	b, err := os.ReadFile(logFile)
 	if err != nil {
 		return nil
 	}
-	var out []time.Duration
+	out := map[string][]time.Duration{}
 	for _, l := range strings.Split(string(b), "\n") {
-		if !strings.Contains(l, "snapshot created") || !strings.Contains(l, "mode=0") {
+		i := strings.Index(l, "phases=\"")
+		if !strings.Contains(l, "snapshot created") || !strings.Contains(l, "mode=0") || i < 0 {
 			continue
 		}
-		if m := serversPhase.FindStringSubmatch(l); m != nil {
-			if d, err := time.ParseDuration(m[1]); err == nil {
+		ph := l[i+len("phases=\""):]
+		ph = ph[:strings.IndexByte(ph+"\"", '"')]
+		for _, m := range phaseRe.FindAllStringSubmatch(ph, -1) {
+			if d, err := time.ParseDuration(m[2]); err == nil {
+				out[m[1]] = append(out[m[1]], d)
+			}
+		}
+	}
+	return out
+}
+
+// stopTimes are the durations dupsnap logged for stopping rootfs servers.
+func stopTimes(logFile string) []time.Duration {
+	b, _ := os.ReadFile(logFile)
+	var out []time.Duration
+	for _, l := range strings.Split(string(b), "\n") {
+		i := strings.Index(l, "rootfs server stopped")
+		j := strings.Index(l, "took=")
+		if i < 0 || j < 0 {
+			continue
+		}
+		f := strings.Fields(l[j+len("took="):])
+		if len(f) > 0 {
+			if d, err := time.ParseDuration(f[0]); err == nil {
 				out = append(out, d)
 			}
 		}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -100,10 +101,12 @@ func (s *Snapshotter) stopRootfs(ctx context.Context, mountpoint string) error {
 	if len(mps) == 0 && !rootfs.Alive(mountpoint) {
 		return nil
 	}
+	t0 := time.Now()
 	if err := rootfs.Discard(ctx, mountpoint); err != nil {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("rootfs stop failed, detaching")
 	}
 	detachStale(ctx, mountpoint)
+	log.G(ctx).WithField("mountpoint", mountpoint).WithField("took", time.Since(t0).Round(10*time.Microsecond)).Debug("rootfs server stopped")
 	return nil
 }
 

@@ -49,6 +49,7 @@ type rootFS struct {
 	tmpSeq   uint64
 	dirNames sync.Map // *layout.Node -> []string, sorted child names
 	dirEnts  sync.Map // *layout.Node -> []fuse.DirEntry (lowerEntries)
+	dirNlink sync.Map // *layout.Node -> uint32 (lowerNlink of image dirs)
 
 	cowState      // region of an active snapshot (region nil for views)
 	backings      // passthrough backing files kept across opens
@@ -239,12 +240,19 @@ func (r *rootFS) inoFor(st *syscall.Stat_t, lower *layout.Node) uint64 {
 // lowerNlink counts the names of an image inode still visible.
 func (r *rootFS) lowerNlink(ln *layout.Node) uint32 {
 	if ln.Entry.Type == layout.TypeDir {
+		// Counted once: image dirs never change, and a GETATTR of every
+		// directory follows its first listing (the kernel drops a
+		// directory's atime after each uncached READDIR).
+		if v, ok := r.dirNlink.Load(ln); ok {
+			return v.(uint32)
+		}
 		n := uint32(2)
 		for _, c := range ln.Children {
 			if c.Entry.Type == layout.TypeDir {
 				n++
 			}
 		}
+		r.dirNlink.Store(ln, n)
 		return n
 	}
 	if ln.Nlink <= 1 {

@@ -189,8 +189,10 @@ func (s *Snapshotter) commitKnown(ctx context.Context, key, target, parent strin
 	if !s.layers.Has(mkey) {
 		return fmt.Errorf("layer %s vanished: %w", mkey, errdefs.ErrNotFound)
 	}
-	return s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		snap, err := storage.CreateSnapshot(ctx, snapshots.KindActive, key, parent, opts...)
+	var snap storage.Snapshot
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var err error
+		snap, err = storage.CreateSnapshot(ctx, snapshots.KindActive, key, parent, opts...)
 		if err != nil {
 			return err
 		}
@@ -207,6 +209,10 @@ func (s *Snapshotter) commitKnown(ctx context.Context, key, target, parent strin
 		}
 		return nil
 	})
+	if err == nil {
+		s.warmTreeLater(ctx, snap.ID, snap.ParentIDs)
+	}
+	return err
 }
 
 // LayerFetcher brings a layer from elsewhere into the node's stores, its

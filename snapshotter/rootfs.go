@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -247,4 +248,55 @@ func (s *Snapshotter) liveMounts(ctx context.Context) (mps []string) {
 		}
 	}
 	return mps
+}
+
+// treeWarmDelay: a pull commits its layers one on top of the other; a
+// chain nothing is committed on within this delay (an image's top) gets
+// its rootfs tree built in the background, so that even the image's first
+// container starts without merging manifests (see rootfs.WarmTree).
+const treeWarmDelay = 250 * time.Millisecond
+
+// treeWarm holds the pending builds by committed snapshot ID.
+var treeWarm struct {
+	mu      sync.Mutex
+	pending map[string]func()
+}
+
+// warmTreeLater schedules the tree of committed snapshot id (parentIDs:
+// its parents, immediate first) and cancels that of its parent. Close
+// waits for it (s.bg).
+func (s *Snapshotter) warmTreeLater(ctx context.Context, id string, parentIDs []string) {
+	layers, err := s.layersOf(append([]string{id}, parentIDs...))
+	if err != nil {
+		return
+	}
+	ctx = context.WithoutCancel(ctx)
+	treeWarm.mu.Lock()
+	defer treeWarm.mu.Unlock()
+	if treeWarm.pending == nil {
+		treeWarm.pending = map[string]func(){}
+	}
+	if len(parentIDs) > 0 {
+		if cancel := treeWarm.pending[parentIDs[0]]; cancel != nil {
+			cancel()
+		}
+	}
+	s.bg.Add(1)
+	var once sync.Once
+	done := func() { once.Do(s.bg.Done) }
+	tm := time.AfterFunc(treeWarmDelay, func() {
+		defer done()
+		treeWarm.mu.Lock()
+		delete(treeWarm.pending, id)
+		treeWarm.mu.Unlock()
+		if err := rootfs.WarmTree(ctx, s.layers, layers); err != nil {
+			log.G(ctx).WithError(err).Debug("rootfs tree not prebuilt")
+		}
+	})
+	treeWarm.pending[id] = func() {
+		delete(treeWarm.pending, id)
+		if tm.Stop() {
+			done()
+		}
+	}
 }

@@ -97,8 +97,14 @@ func TestMeasureStartStop(t *testing.T) {
 		cfg := Config{Mountpoint: mp, CASRoot: e.cas.Root(), ManifestRoot: filepath.Join(e.dir, "manifests"),
 			Layers: layers, StateDir: filepath.Join(dir, "state")}
 		t0 := time.Now()
-		startServer(t, bin, cfg, filepath.Join(dir, "rootfs.log"))
+		pid := startServer(t, bin, cfg, filepath.Join(dir, "rootfs.log"))
 		st := time.Since(t0)
+		if i <= 1 {
+			// Idle RSS after the delayed FreeOSMemory (i == 1: tree from
+			// the cache; i == 0 merged it).
+			time.Sleep(freeOSMemoryDelay + 500*time.Millisecond)
+			t.Logf("idle server RSS: %.1f MiB (anon %.1f MiB)", rssKiB(pid)/1024, rssAnonKiB(pid)/1024)
+		}
 		if err := os.WriteFile(filepath.Join(mp, "new"), []byte("x"), 0o644); err != nil {
 			t.Fatal(err)
 		}

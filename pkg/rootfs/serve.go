@@ -59,6 +59,13 @@ func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _
 	if err != nil {
 		return nil, nil, false, fmt.Errorf("rootfs: merge layers: %w", err)
 	}
+	fixRoot(tree)
+	ph.mark("merge")
+	return tree, store, false, nil
+}
+
+// fixRoot gives a merged tree the root directory a mount needs.
+func fixRoot(tree *layout.Tree) {
 	if tree.Root == nil {
 		tree.Root = &layout.Node{Ino: 1}
 	}
@@ -71,8 +78,6 @@ func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _
 	if tree.Root.Entry.Mode == 0 {
 		tree.Root.Entry.Mode = 0o755
 	}
-	ph.mark("merge")
-	return tree, store, false, nil
 }
 
 // prepareState creates the upper and work dirs of an active snapshot; a

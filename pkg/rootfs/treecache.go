@@ -1,6 +1,7 @@
 package rootfs
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -37,8 +38,10 @@ import (
 const (
 	treeMagic  = "DSRT"
 	treeFormat = 2
-	// treeCacheMax bounds the files kept (one per image chain in use).
-	treeCacheMax = 64
+	// treeCacheMax and treeCacheMaxBytes bound the files kept (one per
+	// image chain in use; ~200 bytes per entry).
+	treeCacheMax      = 64
+	treeCacheMaxBytes = 256 << 20
 	// treeMaxNodes refuses absurd node counts before allocating.
 	treeMaxNodes = 1 << 24
 )
@@ -393,13 +396,14 @@ func storeTreeCache(manifestRoot string, layers []digest.Digest, t *layout.Tree)
 		os.Remove(f.Name())
 		return fmt.Errorf("rootfs: tree cache: %w", werr)
 	}
-	trimTreeCache(dir, treeCacheMax)
+	trimTreeCache(dir, treeCacheMax, treeCacheMaxBytes)
 	return nil
 }
 
-// trimTreeCache removes the least recently used trees beyond max, and
-// temp files of writers that died (older than a minute).
-func trimTreeCache(dir string, max int) {
+// trimTreeCache keeps the most recently used trees, at most max files and
+// maxBytes, and removes temp files of writers that died (older than a
+// minute).
+func trimTreeCache(dir string, max int, maxBytes int64) {
 	des, err := os.ReadDir(dir)
 	if err != nil {
 		return
@@ -407,6 +411,7 @@ func trimTreeCache(dir string, max int) {
 	type file struct {
 		name string
 		mt   time.Time
+		size int64
 	}
 	var files []file
 	for _, de := range des {
@@ -420,13 +425,48 @@ func trimTreeCache(dir string, max int) {
 			}
 			continue
 		}
-		files = append(files, file{de.Name(), fi.ModTime()})
-	}
-	if len(files) <= max {
-		return
+		files = append(files, file{de.Name(), fi.ModTime(), fi.Size()})
 	}
 	sort.Slice(files, func(i, j int) bool { return files[i].mt.After(files[j].mt) })
-	for _, f := range files[max:] {
-		os.Remove(filepath.Join(dir, f.name))
+	var total int64
+	for i, f := range files {
+		total += f.size
+		if i >= max || (i > 0 && total > maxBytes) {
+			os.Remove(filepath.Join(dir, f.name))
+		}
 	}
+}
+
+// WarmTree makes sure the tree cache holds the merged tree of layers
+// (bottom first), so that even the first container of a chain starts
+// without merging: the snapshotter calls it in the background after an
+// image's top layer is committed. ms is the store under manifestRoot.
+func WarmTree(ctx context.Context, ms *layout.Store, layers []digest.Digest) error {
+	root := ms.Dir()
+	if _, err := os.Stat(treeCachePath(root, layers)); err == nil {
+		return nil
+	}
+	chain := make([]*layout.Manifest, 0, len(layers))
+	for _, d := range layers {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		m, err := ms.Get(ctx, d)
+		if err != nil {
+			return fmt.Errorf("rootfs: warm tree: layer %s: %w", d, err)
+		}
+		chain = append(chain, m)
+	}
+	tree, err := layout.Merge(chain)
+	if err != nil {
+		return fmt.Errorf("rootfs: warm tree: %w", err)
+	}
+	fixRoot(tree)
+	return storeTreeCache(root, layers, tree)
+}
+
+// TreeCached reports whether the tree cache holds the chain layers.
+func TreeCached(manifestRoot string, layers []digest.Digest) bool {
+	_, err := os.Stat(treeCachePath(manifestRoot, layers))
+	return err == nil
 }

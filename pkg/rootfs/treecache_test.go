@@ -126,14 +126,24 @@ func TestTreeCacheTrim(t *testing.T) {
 		mt := old.Add(time.Duration(i) * time.Minute)
 		os.Chtimes(p, mt, mt)
 	}
-	trimTreeCache(dir, 2)
-	des, _ := os.ReadDir(dir)
-	var left []string
-	for _, de := range des {
-		left = append(left, de.Name())
+	left := func() string {
+		des, _ := os.ReadDir(dir)
+		var names []string
+		for _, de := range des {
+			names = append(names, de.Name())
+		}
+		return strings.Join(names, ",")
 	}
-	if strings.Join(left, ",") != "c,d" {
-		t.Fatalf("left after trim: %v", left)
+	trimTreeCache(dir, 3, 1<<20)
+	if got := left(); got != "b,c,d" {
+		t.Fatalf("left after trim by count: %v", got)
+	}
+	// By bytes: the newest is kept even if alone it is too big.
+	os.WriteFile(filepath.Join(dir, "d"), make([]byte, 100), 0o600)
+	os.Chtimes(filepath.Join(dir, "d"), time.Now(), time.Now())
+	trimTreeCache(dir, 3, 50)
+	if got := left(); got != "d" {
+		t.Fatalf("left after trim by bytes: %v", got)
 	}
 }
 
@@ -192,4 +202,24 @@ func FuzzDecodeTree(f *testing.F) {
 			tree.Walk(func(string, *layout.Node) error { return nil })
 		}
 	})
+}
+
+// WarmTree builds the same tree a server would merge.
+func TestWarmTree(t *testing.T) {
+	e := newEnv(t)
+	layers := baseLayers(t, e)
+	mroot := filepath.Join(e.dir, "manifests")
+	want := mergedTree(t, e, layers)
+	if TreeCached(mroot, layers) {
+		t.Fatal("cached before WarmTree")
+	}
+	if err := WarmTree(context.Background(), e.ms, layers); err != nil {
+		t.Fatal(err)
+	}
+	if got := loadTreeCache(mroot, layers); got == nil || !reflect.DeepEqual(got, want) {
+		t.Fatal("WarmTree's tree differs from the merged one")
+	}
+	if err := WarmTree(context.Background(), e.ms, append(layers, digest.FromString("gone"))); err == nil {
+		t.Fatal("WarmTree of a chain with a missing layer succeeded")
+	}
 }

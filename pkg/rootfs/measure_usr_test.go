@@ -26,7 +26,11 @@ import (
 // DUPSNAP_ROOTFS_MEASURE_USR is set to the path of an inctr binary
 // (CGO_ENABLED=0 go build -o /tmp/inctr ./integration/cmd/benchreport/inctr).
 // DUPSNAP_MEASURE_PTMIN sets Config.PassthroughMinSize (default: the
-// package default), DUPSNAP_MEASURE_REPS the repetitions (5).
+// package default), DUPSNAP_MEASURE_REPS the repetitions (5),
+// DUPSNAP_MEASURE_INPROC=1 serves in the test process (for -cpuprofile),
+// DUPSNAP_MEASURE_OPENS=1 also times open(+read)+close per file, and
+// DUPSNAP_MEASURE_WRAP="cmd args" runs inctr as "cmd args <root name>
+// inctr ..." (e.g. a tracer).
 func TestMeasureUsr(t *testing.T) {
 	needRoot(t)
 	inctr := os.Getenv("DUPSNAP_ROOTFS_MEASURE_USR")
@@ -95,7 +99,11 @@ func TestMeasureUsr(t *testing.T) {
 	run := func(root string) map[string]float64 {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		out, err := exec.CommandContext(ctx, inctr, "reads", filepath.Join(root, "big"), filepath.Join(root, "usr")).Output()
+		args := []string{inctr, "reads", filepath.Join(root, "big"), filepath.Join(root, "usr")}
+		if w := os.Getenv("DUPSNAP_MEASURE_WRAP"); w != "" {
+			args = append(strings.Fields(w+" "+filepath.Base(filepath.Dir(root))), args...) // e.g. a profiler
+		}
+		out, err := exec.CommandContext(ctx, args[0], args[1:]...).Output()
 		if err != nil {
 			t.Fatalf("inctr on %s: %v", root, err)
 		}
@@ -158,6 +166,9 @@ func TestMeasureUsr(t *testing.T) {
 				}
 				t.Logf("walks again %s: %v", filepath.Base(filepath.Dir(root)), ds)
 			}
+			if os.Getenv("DUPSNAP_MEASURE_OPENS") != "" {
+				measureOpens(t, cfg.Mountpoint, ovl)
+			}
 		}
 		if rep == reps-1 {
 			time.Sleep(statsInterval + time.Second)
@@ -187,5 +198,44 @@ func TestMeasureUsr(t *testing.T) {
 			ratio = om / dm
 		}
 		t.Logf("%-15s dupsnap %9.4f  overlayfs %9.4f  ratio %.3f  (dupsnap %v overlayfs %v)", k, dm, om, ratio, fmtReps(v[0]), fmtReps(v[1]))
+	}
+}
+
+// measureOpens times open+close and open+read+close of every file under
+// usr on each root (per-file cost of the sequential read benchmark).
+func measureOpens(t *testing.T, roots ...string) {
+	buf := make([]byte, 1<<20)
+	for _, root := range roots {
+		var files []string
+		filepath.WalkDir(filepath.Join(root, "usr"), func(p string, de fs.DirEntry, err error) error {
+			if err == nil && de.Type().IsRegular() {
+				files = append(files, p)
+			}
+			return nil
+		})
+		t0 := time.Now()
+		for _, p := range files {
+			fd, err := syscall.Open(p, syscall.O_RDONLY, 0)
+			if err == nil {
+				syscall.Close(fd)
+			}
+		}
+		oc := time.Since(t0) / time.Duration(len(files))
+		t0 = time.Now()
+		for _, p := range files {
+			fd, err := syscall.Open(p, syscall.O_RDONLY, 0)
+			if err != nil {
+				continue
+			}
+			for {
+				n, _ := syscall.Read(fd, buf)
+				if n <= 0 {
+					break
+				}
+			}
+			syscall.Close(fd)
+		}
+		orc := time.Since(t0) / time.Duration(len(files))
+		t.Logf("per file %s: open+close %v, open+read+close %v", filepath.Base(filepath.Dir(root)), oc, orc)
 	}
 }

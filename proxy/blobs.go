@@ -25,8 +25,10 @@ func (s *Server) getBlob(w http.ResponseWriter, r *http.Request, rc *reqCtx, d d
 	if r.Method == http.MethodGet && r.Header.Get("Range") == "" && link.Size >= 0 && !s.cache.has(d) {
 		// A layer rebuilt from the store: stream it while it is restored.
 		if rec, err := s.layerRecord(ctx, d); err == nil && !rec.Retained {
-			if err := s.serveLive(w, r, rec); !errors.Is(err, errNotLive) {
-				return err
+			if err := s.serveLive(w, r, rec); err == nil {
+				return nil
+			} else if !errors.Is(err, errNotLive) {
+				return s.offline(err, codeBlobUnknown) // nothing was written yet
 			}
 		}
 	}

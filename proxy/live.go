@@ -149,6 +149,25 @@ func (s *Server) serveLive(w http.ResponseWriter, r *http.Request, rec *layerRec
 		}
 	}
 	defer f.Close()
+	// Headers go out with the first byte, so that a restore failing at once
+	// still gets a proper error response.
+	for {
+		l.mu.Lock()
+		avail, done, lerr, wake := l.avail, l.done, l.err, l.wake
+		l.mu.Unlock()
+		if avail > 0 || (done && lerr == nil) {
+			break
+		}
+		if lerr != nil {
+			<-res
+			return lerr
+		}
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	s.m.cacheRequests.WithLabelValues("miss").Inc()
 	h := w.Header()
 	h.Set("Content-Type", "application/octet-stream")

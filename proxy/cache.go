@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -24,6 +25,8 @@ type blobCache struct {
 	lru   *list.List // front = most recent; values *cacheEntry
 	index map[digest.Digest]*list.Element
 	live  map[digest.Digest]*liveBlob // restores in progress (live.go)
+
+	upgrading atomic.Bool // a recipe upgrade runs (upgrade.go)
 }
 
 type cacheEntry struct {

@@ -59,9 +59,16 @@ func (s *Server) restoreOnce(ctx context.Context, rec *layerRecord) error {
 		live.finish(err)
 		return err
 	}
+	upgrade := s.upgradeRecipe(rec)
 	live.finish(nil)
 	if err := s.cache.add(rec.Digest, tmp.Name(), fi.Size()); err != nil {
+		if upgrade != nil {
+			upgrade(false)
+		}
 		return err
+	}
+	if upgrade != nil {
+		upgrade(true)
 	}
 	s.m.restoreSeconds.WithLabelValues(rec.Format).Observe(time.Since(start).Seconds())
 	log.G(ctx).WithField("digest", rec.Digest).WithField("format", rec.Format).WithField("took", time.Since(start)).Debug("layer restored")

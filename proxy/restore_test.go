@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -19,6 +21,7 @@ import (
 
 	"github.com/dupsnap/dupsnap/proxy"
 	"github.com/dupsnap/dupsnap/proxy/proxytest"
+	"github.com/dupsnap/dupsnap/proxy/recipe"
 )
 
 // A cold GET of a recipe-restored gzip layer (with checkpoints: parallel
@@ -128,6 +131,74 @@ func TestColdRestoreStreamsVerified(t *testing.T) {
 		t.Logf("round %d: %s, %d of %d bytes, read error %v", round, resp.Status, len(got), len(want), rerr)
 		if ents, _ := filepath.Glob(filepath.Join(cache, "sha256", "*")); len(ents) != 0 {
 			t.Fatalf("damaged restore cached: %v", ents)
+		}
+	}
+}
+
+// A recipe stored before checkpoints existed (version 1) restores
+// sequentially, and that restore upgrades it: the record then holds
+// checkpoints, and the next cold restore (parallel) is still exact.
+func TestVersion1RecipeUpgraded(t *testing.T) {
+	up := proxytest.StartUpstream(t)
+	img := up.PushImage(t, "apps/old", "v1", []proxytest.Layer{{Files: files("old", "srv", 40, 48<<10), Format: proxytest.Gzip}})
+	l := img.Layers[0]
+	want := img.Blobs[l.Digest]
+	root, cache := t.TempDir(), t.TempDir()
+	p := proxytest.StartProxy(t, proxy.Config{Upstream: up.URL, Root: root, CacheDir: cache})
+	pullGGCR(t, p.Host, img)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	recPath := filepath.Join(root, "meta", "layers", "sha256", l.Digest.Encoded())
+	readRecipe := func() (map[string]any, *recipe.Recipe) {
+		b, err := os.ReadFile(recPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rec map[string]any
+		if err := json.Unmarshal(b, &rec); err != nil {
+			t.Fatal(err)
+		}
+		raw, err := base64.StdEncoding.DecodeString(rec["recipe"].(string))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := recipe.Unmarshal(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rec, r
+	}
+	rec, r := readRecipe()
+	if r.Chunks() < 2 {
+		t.Fatalf("ingest gave no checkpoints: %d chunks", r.Chunks())
+	}
+	v1, err := r.Sequential().Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec["recipe"] = base64.StdEncoding.EncodeToString(v1)
+	b, _ := json.Marshal(rec)
+	if err := os.WriteFile(recPath, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for round := range 2 {
+		p.Stop()
+		if err := os.RemoveAll(cache); err != nil {
+			t.Fatal(err)
+		}
+		p = proxytest.StartProxy(t, proxy.Config{Upstream: up.URL, Root: root, CacheDir: cache, Predict: new(bool)})
+		resp, body := get(t, p.URL+"/v2/"+img.Repo+"/blobs/"+l.Digest.String(), nil)
+		if resp.StatusCode != 200 || !bytes.Equal(body, want) {
+			t.Fatalf("round %d: cold GET %s, %d bytes", round, resp.Status, len(body))
+		}
+		if err := p.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, r := readRecipe(); r.Chunks() < 2 {
+			t.Fatalf("round %d: recipe not upgraded (%d chunks)", round, r.Chunks())
 		}
 	}
 }

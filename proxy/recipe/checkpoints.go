@@ -180,3 +180,29 @@ func (r *Recipe) unmarshalChunks(b []byte) error {
 	r.cps, r.crcs = cps, crcs
 	return nil
 }
+
+// Upgradable reports whether AddCheckpoints may give r checkpoints: a
+// compress/flate level 4-9 recipe stored before they existed (version 1).
+func (r *Recipe) Upgradable() bool { return r.checkpointable() && !r.chunked() }
+
+// AddCheckpoints upgrades an Upgradable recipe from the blob it restores
+// (verified) and its tar: goflate's capturing run must reproduce the blob
+// and so must the chunked run. It reports whether r now has checkpoints;
+// (false, nil) leaves r as it was.
+func (r *Recipe) AddCheckpoints(ctx context.Context, blob io.ReaderAt, blobSize int64, d digest.Digest, tar func() (io.ReadCloser, error)) (bool, error) {
+	if !r.Upgradable() || blobSize != r.size {
+		return false, nil
+	}
+	cps, ok, err := r.capture(ctx, blob, blobSize, d, tar)
+	if err != nil || !ok || len(cps) == 0 {
+		return false, err
+	}
+	return r.addCheckpoints(ctx, blob, blobSize, d, tar, cps)
+}
+
+// Sequential returns r without checkpoints (as a version 1 recipe).
+func (r *Recipe) Sequential() *Recipe {
+	c := *r
+	c.cps, c.crcs = nil, nil
+	return &c
+}

@@ -244,3 +244,24 @@ func TestGoldenCheckpoints(t *testing.T) {
 		}
 	}
 }
+
+// AddCheckpoints upgrades a version 1 recipe from its blob, and refuses
+// (false, nil) a blob it does not reproduce.
+func TestAddCheckpointsUpgrade(t *testing.T) {
+	tb, blob, r := chunkedFixture(t, 6)
+	ctx := context.Background()
+	old := r.Sequential()
+	if !old.Upgradable() || r.Upgradable() {
+		t.Fatal("Upgradable")
+	}
+	bad := bytes.Clone(blob)
+	bad[len(bad)/2] ^= 1
+	if ok, err := old.AddCheckpoints(ctx, bytes.NewReader(bad), int64(len(bad)), digest.FromBytes(bad), tarFunc(tb)); ok || err != nil || old.Chunks() != 1 {
+		t.Fatalf("wrong blob: %v %v, %d chunks", ok, err, old.Chunks())
+	}
+	ok, err := old.AddCheckpoints(ctx, bytes.NewReader(blob), int64(len(blob)), digest.FromBytes(blob), tarFunc(tb))
+	if !ok || err != nil || old.Chunks() != r.Chunks() {
+		t.Fatalf("upgrade: %v %v, %d chunks (want %d)", ok, err, old.Chunks(), r.Chunks())
+	}
+	checkApply(t, old, blob, tb)
+}

@@ -118,6 +118,15 @@ func TestMeasureStart(t *testing.T) {
 			c.Ctr(context.Background(), 30*time.Second, "container", "rm", id)
 		})
 	}
+	if os.Getenv("DUPSNAP_MEASURE_STATS") != "" {
+		// FUSE requests of a container's start (published every 5 s).
+		time.Sleep(6 * time.Second)
+		stats, _ := filepath.Glob(filepath.Join(d.Root, "snapshots", "*", "rootfs.stats"))
+		for _, f := range stats {
+			b, _ := os.ReadFile(f)
+			t.Logf("%s: %s", f, b)
+		}
+	}
 	logs, _ := filepath.Glob(filepath.Join(d.Root, "snapshots", "*", "rootfs.log"))
 	for _, f := range logs {
 		b, _ := os.ReadFile(f)
@@ -131,7 +140,8 @@ func TestMeasureStart(t *testing.T) {
 	phs := prepPhases(d.LogFile)
 	srv := phs["servers"]
 	phs["stop"] = stopTimes(d.LogFile)
-	for _, name := range []string{"lookup", "metastore", "servers", "stop"} {
+	phs["rootfs.Start"] = tookTimes(d.LogFile, "rootfs server started")
+	for _, name := range []string{"lookup", "metastore", "servers", "rootfs.Start", "stop"} {
 		t.Logf("dupsnap %s: median %v of %d", name, median(phs[name]).Round(10*time.Microsecond), len(phs[name]))
 	}
 	t.Logf("MEASURE container start+exit (ctr run --rm, %d files, %d reps): dupsnap %v %v vs overlayfs %v %v: %.2fx (goal <= 1.2x); dupsnap Prepare starting the rootfs server: median %v of %d; load %s",
@@ -197,11 +207,14 @@ func prepPhases(logFile string) map[string][]time.Duration {
 }
 
 // stopTimes are the durations dupsnap logged for stopping rootfs servers.
-func stopTimes(logFile string) []time.Duration {
+func stopTimes(logFile string) []time.Duration { return tookTimes(logFile, "rootfs server stopped") }
+
+// tookTimes are the took= durations of the daemon's log lines with msg.
+func tookTimes(logFile, msg string) []time.Duration {
 	b, _ := os.ReadFile(logFile)
 	var out []time.Duration
 	for _, l := range strings.Split(string(b), "\n") {
-		i := strings.Index(l, "rootfs server stopped")
+		i := strings.Index(l, msg)
 		j := strings.Index(l, "took=")
 		if i < 0 || j < 0 {
 			continue

@@ -82,11 +82,13 @@ func (s *Snapshotter) startRootfs(ctx context.Context, cfg rootfs.Config, logFil
 			return err
 		}
 	}
-	pid, err := rootfs.Start(ctx, s.cfg.RootfsBinary, cfg, logFile)
+	t0 := time.Now()
+	pid, err := rootfs.StartSpare(ctx, s.cfg.RootfsBinary, cfg, logFile)
 	if err != nil {
 		return fmt.Errorf("starting rootfs server at %s (log %s): %w", cfg.Mountpoint, logFile, err)
 	}
-	log.G(ctx).WithField("pid", pid).WithField("mountpoint", cfg.Mountpoint).Debug("rootfs server started")
+	log.G(ctx).WithField("pid", pid).WithField("mountpoint", cfg.Mountpoint).
+		WithField("took", time.Since(t0).Round(10*time.Microsecond)).Debug("rootfs server started")
 	rootfsStarts.Inc()
 	return nil
 }

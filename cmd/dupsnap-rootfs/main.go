@@ -5,6 +5,9 @@
 // rootfs.Start prefers it when it sits next to the dupsnap binary.
 //
 // Usage: dupsnap-rootfs rootfs --config FILE [--log-level L]
+//
+//	dupsnap-rootfs rootfs --spare [--log-level L]  (started ahead by the daemon)
+//
 // (the "rootfs" word keeps the command line the same as dupsnap's, which is
 // how pkg/rootfs recognises its servers by pid).
 package main
@@ -28,9 +31,21 @@ func main() {
 		args = args[1:]
 	}
 	fl := flag.NewFlagSet("dupsnap-rootfs", flag.ExitOnError)
-	config := fl.String("config", "", "rootfs config file (JSON, required)")
+	config := fl.String("config", "", "rootfs config file (JSON, required unless --spare)")
+	spare := fl.Bool("spare", false, "start as a spare: wait for the config path (and log file) on the pipe named by $"+rootfs.AssignFDEnv+" (rootfs.StartSpare)")
 	logLevel := fl.String("log-level", "info", "log level: trace, debug, info, warn, error")
 	fl.Parse(args)
+	if *spare {
+		cfg, ok, err := rootfs.AwaitAssignment()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "dupsnap-rootfs:", err)
+			os.Exit(1)
+		}
+		if !ok {
+			return // the daemon went away before it needed us
+		}
+		*config = cfg
+	}
 	if err := run(*config, *logLevel); err != nil {
 		fmt.Fprintln(os.Stderr, "dupsnap-rootfs:", err)
 		os.Exit(1)

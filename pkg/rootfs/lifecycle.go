@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -128,6 +127,17 @@ func Alive(mountpoint string) bool {
 // Start writes cfg next to the mountpoint, spawns `<binary> rootfs --config
 // FILE` detached from the caller, and returns once the mount is live.
 func Start(ctx context.Context, binary string, cfg Config, logFile string) (int, error) {
+	return start(ctx, binary, cfg, logFile, false)
+}
+
+// StartSpare is Start for a long-lived caller (the daemon): it hands cfg to
+// a spare server started ahead when there is one (see spare.go), and
+// starts the next spare once this server is ready.
+func StartSpare(ctx context.Context, binary string, cfg Config, logFile string) (int, error) {
+	return start(ctx, binary, cfg, logFile, true)
+}
+
+func start(ctx context.Context, binary string, cfg Config, logFile string, useSpare bool) (int, error) {
 	if err := cfg.validate(); err != nil {
 		return 0, err
 	}
@@ -135,34 +145,36 @@ func Start(ctx context.Context, binary string, cfg Config, logFile string) (int,
 	if err := writeConfig(cfgPath, cfg); err != nil {
 		return 0, err
 	}
-	logf, err := os.OpenFile(logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
-	if err != nil {
-		return 0, fmt.Errorf("rootfs: log file: %w", err)
-	}
-	defer logf.Close()
 	binary = ServerBinary(binary)
-	rp, wp, err := os.Pipe()
-	if err != nil {
-		return 0, fmt.Errorf("rootfs: ready pipe: %w", err)
+	// Only the small binary knows --spare.
+	useSpare = useSpare && filepath.Base(binary) == SmallBinary
+	var p *serverProc
+	if useSpare {
+		if p = takeSpare(binary); p != nil {
+			if err := p.assignTo(cfgPath, logFile); err != nil {
+				p.cmd.Process.Kill()
+				p.ready.Close()
+				p = nil
+			}
+		}
 	}
-	defer rp.Close()
-	cmd := exec.Command(binary, "rootfs", "--config", cfgPath)
-	cmd.Stdout, cmd.Stderr = logf, logf // stdin stays /dev/null
-	cmd.ExtraFiles = []*os.File{wp}     // fd 3 in the server
-	cmd.Env = append(os.Environ(), readyFDEnv+"=3")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	err = cmd.Start()
-	wp.Close() // the server holds the only write end: its exit is EOF
-	if err != nil {
-		return 0, fmt.Errorf("rootfs: start %s: %w", binary, err)
+	if p == nil {
+		logf, err := os.OpenFile(logFile, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return 0, fmt.Errorf("rootfs: log file: %w", err)
+		}
+		p, err = spawn(binary, cfgPath, logf, spawnedEnv+"="+strconv.FormatInt(time.Now().UnixNano(), 10))
+		logf.Close()
+		if err != nil {
+			return 0, err
+		}
 	}
-	pid := cmd.Process.Pid
-	exited := make(chan struct{})
-	go func() { cmd.Wait(); close(exited) }() // reap it if it dies while we live
+	defer p.ready.Close()
+	pid := p.cmd.Process.Pid
 	fail := func(err error) (int, error) {
-		cmd.Process.Kill()
+		p.cmd.Process.Kill()
 		select {
-		case <-exited:
+		case <-p.exited:
 		case <-time.After(5 * time.Second):
 		}
 		os.Remove(pidPath(cfg.Mountpoint))
@@ -171,15 +183,18 @@ func Start(ctx context.Context, binary string, cfg Config, logFile string) (int,
 	if err := os.WriteFile(pidPath(cfg.Mountpoint), []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
 		return fail(err)
 	}
-	if err := waitReady(ctx, rp, cfg.Mountpoint); err != nil {
+	if err := waitReady(ctx, p.ready, cfg.Mountpoint); err != nil {
 		if errors.Is(err, errServerExited) {
 			// It closes the pipe as Serve returns, before it logs why.
 			select {
-			case <-exited:
+			case <-p.exited:
 			case <-time.After(2 * time.Second):
 			}
 		}
 		return fail(err)
+	}
+	if useSpare {
+		go refillSpare(binary)
 	}
 	return pid, nil
 }

@@ -20,8 +20,13 @@ import (
 // Start reads EOF at once. Polling mountinfo cost a 10 ms tick per start
 // and said "mounted" before the server could serve.
 
-// readyFDEnv names the inherited fd of the ready pipe in the server.
-const readyFDEnv = "DUPSNAP_ROOTFS_READY_FD"
+// readyFDEnv names the inherited fd of the ready pipe in the server;
+// spawnedEnv carries when Start spawned it (UnixNano), so that the server's
+// log shows what exec and process start cost.
+const (
+	readyFDEnv = "DUPSNAP_ROOTFS_READY_FD"
+	spawnedEnv = "DUPSNAP_ROOTFS_SPAWNED"
+)
 
 // freeOSMemoryDelay: the server returns its load-time garbage to the OS
 // after the container has started, not while it starts (2 cores).
@@ -154,7 +159,19 @@ type phases struct {
 	b    strings.Builder
 }
 
-func newPhases() *phases { return &phases{last: time.Now()} }
+// newPhases starts timing; the first phase ("exec") is the time since
+// Start spawned this process, if it did.
+func newPhases() *phases {
+	ph := &phases{last: time.Now()}
+	if v := os.Getenv(spawnedEnv); v != "" {
+		os.Unsetenv(spawnedEnv)
+		if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
+			ph.last = time.Unix(0, ns)
+			ph.mark("exec")
+		}
+	}
+	return ph
+}
 
 func (ph *phases) mark(name string) {
 	now := time.Now()

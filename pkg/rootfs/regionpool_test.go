@@ -8,7 +8,7 @@ import (
 	"time"
 )
 
-func spares(t *testing.T, pool string) int {
+func spareRegions(t *testing.T, pool string) int {
 	t.Helper()
 	des, _ := os.ReadDir(pool)
 	n := 0
@@ -23,9 +23,9 @@ func spares(t *testing.T, pool string) int {
 func waitSpares(t *testing.T, pool string, want int) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for spares(t, pool) != want {
+	for spareRegions(t, pool) != want {
 		if time.Now().After(deadline) {
-			t.Fatalf("pool has %d spares, want %d", spares(t, pool), want)
+			t.Fatalf("pool has %d spares, want %d", spareRegions(t, pool), want)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -104,7 +104,7 @@ func TestRegionPoolTake(t *testing.T) {
 		t.Fatal("region dir is not the spare")
 	}
 	os.MkdirAll(filepath.Join(pool, "r-2"), 0o700)
-	if takeSpareRegion(cfg) || spares(t, pool) != 1 {
+	if takeSpareRegion(cfg) || spareRegions(t, pool) != 1 {
 		t.Fatal("spare taken over an existing region")
 	}
 }

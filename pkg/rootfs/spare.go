@@ -1,0 +1,169 @@
+package rootfs
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// A spare server: exec and Go runtime start of a server process cost a
+// container start 4-13 ms on a busy 2-core node, so StartSpare keeps one
+// server process of the small binary started ahead, blocked on a pipe.
+// Start hands it the config path (and log file) through that pipe and it
+// goes on exactly like a freshly started server; a new spare is started
+// once the handed-over server is ready. A spare whose daemon dies reads
+// EOF and exits; it holds nothing else.
+
+// AssignFDEnv names the inherited fd of a spare's assignment pipe.
+const AssignFDEnv = "DUPSNAP_ROOTFS_ASSIGN_FD"
+
+// serverProc is a started server process as Start sees it.
+type serverProc struct {
+	cmd    *exec.Cmd
+	ready  *os.File // read end of the ready pipe
+	assign *os.File // write end of the assignment pipe (spares only)
+	exited chan struct{}
+}
+
+var spares struct {
+	sync.Mutex
+	byBinary map[string]*serverProc
+	starting map[string]bool
+}
+
+// spawn starts binary as a server: with --config cfgPath and its output
+// in logf, or, for a spare (cfgPath ""), waiting for its assignment.
+func spawn(binary, cfgPath string, logf *os.File, env ...string) (*serverProc, error) {
+	rp, wp, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("rootfs: ready pipe: %w", err)
+	}
+	defer wp.Close() // the server holds the only write end: its exit is EOF
+	p := &serverProc{ready: rp, exited: make(chan struct{})}
+	args := []string{"rootfs", "--config", cfgPath}
+	files := []*os.File{wp} // fd 3 in the server
+	env = append(env, readyFDEnv+"=3")
+	if cfgPath == "" {
+		ar, aw, err := os.Pipe()
+		if err != nil {
+			rp.Close()
+			return nil, fmt.Errorf("rootfs: assignment pipe: %w", err)
+		}
+		defer ar.Close()
+		p.assign = aw
+		args = []string{"rootfs", "--spare"}
+		files = append(files, ar) // fd 4
+		env = append(env, AssignFDEnv+"=4")
+	}
+	cmd := exec.Command(binary, args...)
+	if logf != nil {
+		cmd.Stdout, cmd.Stderr = logf, logf // stdin stays /dev/null
+	}
+	cmd.ExtraFiles = files
+	cmd.Env = append(os.Environ(), env...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		rp.Close()
+		if p.assign != nil {
+			p.assign.Close()
+		}
+		return nil, fmt.Errorf("rootfs: start %s: %w", binary, err)
+	}
+	p.cmd = cmd
+	go func() { cmd.Wait(); close(p.exited) }() // reap it if it dies while we live
+	return p, nil
+}
+
+// takeSpare returns the live spare of binary, if there is one.
+func takeSpare(binary string) *serverProc {
+	spares.Lock()
+	defer spares.Unlock()
+	p := spares.byBinary[binary]
+	delete(spares.byBinary, binary)
+	if p == nil {
+		return nil
+	}
+	select {
+	case <-p.exited:
+		p.ready.Close()
+		p.assign.Close()
+		return nil
+	default:
+		return p
+	}
+}
+
+// refillSpare starts a spare of binary unless one is there or starting.
+func refillSpare(binary string) {
+	spares.Lock()
+	if spares.byBinary == nil {
+		spares.byBinary, spares.starting = map[string]*serverProc{}, map[string]bool{}
+	}
+	if spares.byBinary[binary] != nil || spares.starting[binary] {
+		spares.Unlock()
+		return
+	}
+	spares.starting[binary] = true
+	spares.Unlock()
+	p, err := spawn(binary, "", nil)
+	spares.Lock()
+	defer spares.Unlock()
+	delete(spares.starting, binary)
+	if err == nil {
+		spares.byBinary[binary] = p
+	}
+}
+
+// assign hands a spare its config and log file; from here on it is the
+// server of that config.
+func (p *serverProc) assignTo(cfgPath, logFile string) error {
+	defer func() { p.assign.Close(); p.assign = nil }()
+	_, err := p.assign.Write([]byte(cfgPath + "\n" + logFile + "\n"))
+	return err
+}
+
+// AwaitAssignment is what a spare server (`rootfs --spare`) runs first: it
+// blocks until Start hands it a config, sends its output to that rootfs's
+// log file, and returns the config path. ok is false if the daemon went
+// away instead: the spare just exits.
+func AwaitAssignment() (cfgPath string, ok bool, err error) {
+	v := os.Getenv(AssignFDEnv)
+	os.Unsetenv(AssignFDEnv)
+	fd, err := strconv.Atoi(v)
+	if err != nil || fd < 3 {
+		return "", false, fmt.Errorf("rootfs: --spare without an assignment pipe")
+	}
+	f := os.NewFile(uintptr(fd), "assign")
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 2*unix.PathMax+2))
+	if err != nil {
+		return "", false, fmt.Errorf("rootfs: read assignment: %w", err)
+	}
+	lines := bytes.Split(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+	if len(b) == 0 {
+		return "", false, nil
+	}
+	if len(lines) != 2 || !filepath.IsAbs(string(lines[0])) || !filepath.IsAbs(string(lines[1])) {
+		return "", false, errors.New("rootfs: bad assignment")
+	}
+	logf, err := os.OpenFile(string(lines[1]), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return "", false, fmt.Errorf("rootfs: log file: %w", err)
+	}
+	defer logf.Close()
+	for _, out := range []int{1, 2} {
+		if err := unix.Dup3(int(logf.Fd()), out, 0); err != nil {
+			return "", false, fmt.Errorf("rootfs: log file: %w", err)
+		}
+	}
+	return string(lines[0]), true, nil
+}

@@ -1,0 +1,105 @@
+package rootfs
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// dropSpares ends every spare of this process (the daemon's would see EOF
+// when it exits; a test cleans up at once).
+func dropSpares(t *testing.T) {
+	spares.Lock()
+	defer spares.Unlock()
+	for b, p := range spares.byBinary {
+		p.assign.Close() // EOF: the spare exits by itself
+		select {
+		case <-p.exited:
+		case <-time.After(5 * time.Second):
+			t.Errorf("spare of %s did not exit on EOF", b)
+			p.cmd.Process.Kill()
+		}
+		p.ready.Close()
+		delete(spares.byBinary, b)
+	}
+}
+
+// StartSpare hands the next rootfs to the spare the previous one left
+// behind: same server, its log in the rootfs's log file; a spare whose
+// daemon goes away exits.
+func TestStartSpare(t *testing.T) {
+	needRoot(t)
+	bin := dupsnapBin(t)
+	t.Cleanup(func() { dropSpares(t) })
+	e := newEnv(t)
+	layers := baseLayers(t, e)
+	start := func(name string) (int, Config, string) {
+		dir := filepath.Join(e.dir, name)
+		mp := filepath.Join(dir, "rootfs")
+		os.MkdirAll(mp, 0o755)
+		cfg := Config{Mountpoint: mp, CASRoot: e.cas.Root(), ManifestRoot: filepath.Join(e.dir, "manifests"),
+			Layers: layers, StateDir: filepath.Join(dir, "state")}
+		logFile := filepath.Join(dir, "rootfs.log")
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		pid, err := StartSpare(ctx, bin, cfg, logFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			Stop(ctx, mp)
+			forceUnmount(mp)
+		})
+		return pid, cfg, logFile
+	}
+	start("a")
+	// The first start leaves a spare behind (started in the background).
+	spareBin := ServerBinary(bin)
+	var sparePID int
+	deadline := time.Now().Add(10 * time.Second)
+	for sparePID == 0 {
+		spares.Lock()
+		if p := spares.byBinary[spareBin]; p != nil {
+			sparePID = p.cmd.Process.Pid
+		}
+		spares.Unlock()
+		if time.Now().After(deadline) {
+			t.Fatal("no spare server after StartSpare")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	pid, cfg, logFile := start("b")
+	if pid != sparePID {
+		t.Fatalf("second start ran pid %d, not the spare %d", pid, sparePID)
+	}
+	if b, err := os.ReadFile(filepath.Join(cfg.Mountpoint, "etc/passwd")); err != nil || string(b) != "root:x:0:0\n" {
+		t.Fatalf("read through the spare's mount: %q %v", b, err)
+	}
+	if !Alive(cfg.Mountpoint) {
+		t.Fatal("spare-served rootfs not Alive")
+	}
+	// Logged right after the ready signal.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(logFile)
+		if strings.Contains(string(b), "rootfs: serving") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("spare's log did not go to the rootfs log: %q", b)
+		}
+	}
+	// Stop works on it like on any server.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := Stop(ctx, cfg.Mountpoint); err != nil {
+		t.Fatal(err)
+	}
+	if ourProcess(pid) || Mounted(cfg.Mountpoint) {
+		t.Fatal("spare-started server left after Stop")
+	}
+}

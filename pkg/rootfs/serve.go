@@ -255,26 +255,27 @@ func Serve(ctx context.Context, cfg Config) error {
 	restoreGC()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
 		WithField("cached_tree", cached).WithField("phases", ph.String()).Info("rootfs: serving")
-	// Everything below is off the container's start path.
+	// Everything below is off the container's start path. Serve waits
+	// for its helpers before it returns (they write next to the state).
+	var bg sync.WaitGroup
+	bctx, bcancel := context.WithCancel(ctx)
+	defer func() { bcancel(); bg.Wait() }()
 	if regCh != nil {
-		rctx, rcancel := context.WithCancel(ctx)
-		var refill sync.WaitGroup
-		refill.Go(func() { refillRegionPool(rctx, cfg) })
-		defer func() { rcancel(); refill.Wait() }()
+		bg.Go(func() { refillRegionPool(bctx, cfg) })
 	}
+	bg.Go(func() {
+		if cached {
+			touchTreeCache(cfg.ManifestRoot, cfg.Layers)
+		} else if err := storeTreeCache(cfg.ManifestRoot, cfg.Layers, tree); err != nil {
+			log.G(ctx).WithError(err).Warn("rootfs: tree cache not written")
+		}
+	})
 	if !cfg.ReadOnly {
 		// Views have no region files: everything there is passthrough.
 		if err := setReadahead(cfg.Mountpoint, readaheadKiB); err != nil {
 			log.G(ctx).WithError(err).Warn("rootfs: readahead window stays at the default")
 		}
 	}
-	go func() {
-		if cached {
-			touchTreeCache(cfg.ManifestRoot, cfg.Layers)
-		} else if err := storeTreeCache(cfg.ManifestRoot, cfg.Layers, tree); err != nil {
-			log.G(ctx).WithError(err).Warn("rootfs: tree cache not written")
-		}
-	}()
 	// Loading the tree leaves garbage (several times its size when the
 	// manifests were merged); hand it back once the container has
 	// started, not at some later GC: one of these processes idles next to

@@ -2,9 +2,13 @@ package recipe
 
 import (
 	"bytes"
+	stdgzip "compress/gzip"
 	"context"
 	"io"
 	"os"
+	"runtime"
+	"sort"
+	"syscall"
 	"testing"
 	"time"
 
@@ -67,4 +71,57 @@ func BenchmarkApply(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestChunkedThroughputReport compares, on a tar of real files compressed
+// by compress/gzip at its default level, the sequential restore with the
+// chunked one (all cores): wall MB/s and MB per CPU-second, alternating,
+// medians of 7. DUPSNAP_RECIPE_BENCH=1 go test -run ChunkedThroughput -v ./proxy/recipe
+func TestChunkedThroughputReport(t *testing.T) {
+	if os.Getenv("DUPSNAP_RECIPE_BENCH") == "" {
+		t.Skip("set DUPSNAP_RECIPE_BENCH=1")
+	}
+	dir := os.Getenv("DUPSNAP_RECIPE_BENCH_DIR")
+	if dir == "" {
+		dir = "/usr/lib/x86_64-linux-gnu"
+	}
+	tb := realTar(t, dir, 24<<20)
+	var blob bytes.Buffer
+	zw := stdgzip.NewWriter(&blob)
+	zw.Write(tb)
+	zw.Close()
+	d := digest.FromBytes(blob.Bytes())
+	start := time.Now()
+	r, err := Detect(context.Background(), bytes.NewReader(blob.Bytes()), int64(blob.Len()), d, tarFunc(tb))
+	if err != nil || r == nil {
+		t.Fatal(r, err)
+	}
+	t.Logf("tar %.1f MB, blob %.1f MB (%s, %d chunks), detect %v, GOMAXPROCS %d", float64(len(tb))/1e6, float64(blob.Len())/1e6, r.Encoder(), r.Chunks(), time.Since(start), runtime.GOMAXPROCS(0))
+	seq := r.Sequential()
+	res := map[int][][2]float64{}
+	for range 7 {
+		for _, rr := range []*Recipe{seq, r} {
+			cpu0, t0 := cpuNow(), time.Now()
+			if err := rr.Restore(context.Background(), io.Discard, tarFunc(tb), d); err != nil {
+				t.Fatal(err)
+			}
+			wall, cpu := time.Since(t0), cpuNow()-cpu0
+			res[rr.Chunks()] = append(res[rr.Chunks()], [2]float64{float64(blob.Len()) / 1e6 / wall.Seconds(), float64(blob.Len()) / 1e6 / cpu.Seconds()})
+		}
+	}
+	for _, n := range []int{1, r.Chunks()} {
+		var wall, cpu []float64
+		for _, v := range res[n] {
+			wall, cpu = append(wall, v[0]), append(cpu, v[1])
+		}
+		sort.Float64s(wall)
+		sort.Float64s(cpu)
+		t.Logf("%3d chunks: %.1f MB/s of blob (runs %.1f), %.1f MB of blob per CPU-second", n, wall[len(wall)/2], wall, cpu[len(cpu)/2])
+	}
+}
+
+func cpuNow() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

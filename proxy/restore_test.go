@@ -70,7 +70,7 @@ func TestColdRestoreStreamsVerified(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			resp, err := http.Get(url())
+			resp, err := (&http.Client{Timeout: time.Minute}).Get(url())
 			if err != nil {
 				errs <- err
 				return
@@ -116,7 +116,7 @@ func TestColdRestoreStreamsVerified(t *testing.T) {
 			t.Fatal(err)
 		}
 		restart()
-		resp, err := http.Get(url())
+		resp, err := (&http.Client{Timeout: time.Minute}).Get(url())
 		if err != nil {
 			t.Fatal(err)
 		}

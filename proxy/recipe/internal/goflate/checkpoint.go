@@ -190,7 +190,7 @@ func (c Checkpoint) valid(dataLen int64) error {
 		return errors.New("window base")
 	case c.Bit < 0:
 		return errors.New("bit position")
-	case idx < 0 || idx >= 2*windowSize || idx+minMatchLength > dataLen || idx+minMatchLength > 2*windowSize:
+	case idx < 0 || idx >= 2*windowSize || (idx > 0 && (idx+minMatchLength > dataLen || idx+minMatchLength > 2*windowSize)):
 		return errors.New("window index")
 	case c.Pos < c.Base || c.Pos > c.Base+idx:
 		return errors.New("block start")

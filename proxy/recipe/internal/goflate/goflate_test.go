@@ -192,3 +192,45 @@ func TestMatchLen(t *testing.T) {
 		}
 	}
 }
+
+// Blocks longer than the window (long zero runs: up to 4 MiB of input per
+// block, the window slides inside them), tiny inputs and a checkpoint at
+// every block boundary.
+func TestCaptureResumeEdgeCases(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	long := make([]byte, 9<<20)
+	for i := 5 << 20; i < 6<<20; i++ {
+		long[i] = byte(rng.Uint32())
+	}
+	for i := 7 << 20; i < len(long); i++ {
+		long[i] = "abcab"[i%5]
+	}
+	cases := map[string]struct {
+		data  []byte
+		every int64
+	}{
+		"long runs":   {long, 1 << 20},
+		"every block": {testData(t, 1<<20), 1},
+		"tiny":        {[]byte("hello"), 1},
+		"empty":       {nil, 1},
+		"one window":  {testData(t, 2*windowSize+100), 1},
+	}
+	for name, c := range cases {
+		for _, level := range []int{4, 6, 9} {
+			want := stdDeflate(t, level, c.data)
+			var got bytes.Buffer
+			cp, _ := NewCapture(&got, level, c.every)
+			cp.Write(c.data)
+			if err := cp.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got.Bytes(), want) {
+				t.Fatalf("%s level %d: capture output differs", name, level)
+			}
+			all := append([]Checkpoint{{Length: minMatchLength - 1}}, cp.Checkpoints()...)
+			if out := chunked(t, level, c.data, all); !bytes.Equal(out, want) {
+				t.Fatalf("%s level %d: chunked output differs (%d checkpoints)", name, level, len(all)-1)
+			}
+		}
+	}
+}

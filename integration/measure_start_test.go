@@ -88,6 +88,7 @@ func TestMeasureStart(t *testing.T) {
 	times := map[string][]time.Duration{}
 	ps0, pc0 := opAvg("prepare")
 	rs0, rc0 := opAvg("remove")
+	cs0, cc0 := opAvg("cleanup")
 	for r := 0; r < reps; r++ {
 		order := []string{"dupsnap", "overlayfs"}
 		if r%2 == 1 {
@@ -104,8 +105,10 @@ func TestMeasureStart(t *testing.T) {
 	}
 	ps1, pc1 := opAvg("prepare")
 	rs1, rc1 := opAvg("remove")
+	cs1, cc1 := opAvg("cleanup")
 	avgMs := func(s, c float64) float64 { return s / max(c, 1) * 1e3 }
-	t.Logf("dupsnap daemon, timed runs: Prepare avg %.1f ms (%v), Remove avg %.1f ms (%v)", avgMs(ps1-ps0, pc1-pc0), pc1-pc0, avgMs(rs1-rs0, rc1-rc0), rc1-rc0)
+	t.Logf("dupsnap daemon, timed runs: Prepare avg %.1f ms (%v), Remove avg %.1f ms (%v), Cleanup avg %.1f ms (%v)",
+		avgMs(ps1-ps0, pc1-pc0), pc1-pc0, avgMs(rs1-rs0, rc1-rc0), rc1-rc0, avgMs(cs1-cs0, cc1-cc0), cc1-cc0)
 	// Where a server's start goes: its own log, of kept containers.
 	for i := 0; i < 3; i++ {
 		id := fmt.Sprintf("keep%d", i)

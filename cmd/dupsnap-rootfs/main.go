@@ -35,7 +35,9 @@ func main() {
 	spare := fl.Bool("spare", false, "start as a spare: wait for the config path (and log file) on the pipe named by $"+rootfs.AssignFDEnv+" (rootfs.StartSpare)")
 	logLevel := fl.String("log-level", "info", "log level: trace, debug, info, warn, error")
 	fl.Parse(args)
+	var pre *rootfs.Preloaded
 	if *spare {
+		pre = rootfs.Preload() // the chain $DUPSNAP_ROOTFS_PRELOAD expects, while we wait
 		cfg, ok, err := rootfs.AwaitAssignment()
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "dupsnap-rootfs:", err)
@@ -46,13 +48,13 @@ func main() {
 		}
 		*config = cfg
 	}
-	if err := run(*config, *logLevel); err != nil {
+	if err := run(*config, *logLevel, pre); err != nil {
 		fmt.Fprintln(os.Stderr, "dupsnap-rootfs:", err)
 		os.Exit(1)
 	}
 }
 
-func run(config, logLevel string) error {
+func run(config, logLevel string, pre *rootfs.Preloaded) error {
 	if config == "" {
 		return fmt.Errorf("--config is required")
 	}
@@ -68,5 +70,5 @@ func run(config, logLevel string) error {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	return rootfs.Serve(ctx, cfg)
+	return rootfs.ServePreloaded(ctx, cfg, pre)
 }

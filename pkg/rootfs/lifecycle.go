@@ -194,7 +194,7 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 		return fail(err)
 	}
 	if useSpare {
-		go refillSpare(binary)
+		go refillSpare(binary, cfg)
 	}
 	return pid, nil
 }

@@ -164,7 +164,14 @@ const syncInterval = 2 * time.Second
 // Serve mounts and serves in this process until ctx is done or the fs is
 // unmounted. A server started by Start tells it through the inherited
 // ready pipe (see ready.go) once the mount can be used.
-func Serve(ctx context.Context, cfg Config) error {
+func Serve(ctx context.Context, cfg Config) error { return servePre(ctx, cfg, nil) }
+
+// ServePreloaded is Serve for a spare that preloaded pre (may be nil).
+func ServePreloaded(ctx context.Context, cfg Config, pre *Preloaded) error {
+	return servePre(ctx, cfg, pre)
+}
+
+func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	ready := takeReadyPipe()
 	defer ready.Close() // EOF for Start if we fail before signalling
 	if err := cfg.validate(); err != nil {
@@ -201,10 +208,16 @@ func Serve(ctx context.Context, cfg Config) error {
 			}
 		}
 	}
-	tree, store, cached, err := loadTree(ctx, cfg, ph)
-	if err != nil {
-		closeRegion()
-		return err
+	tree, store := pre.take(cfg)
+	cached, preloaded := tree != nil, tree != nil
+	if preloaded {
+		ph.mark("preloaded")
+	} else {
+		var err error
+		if tree, store, cached, err = loadTree(ctx, cfg, ph); err != nil {
+			closeRegion()
+			return err
+		}
 	}
 	defer store.Close()
 	r := newRootFS(tree, store, cfg)
@@ -254,7 +267,7 @@ func Serve(ctx context.Context, cfg Config) error {
 	ready.signal()
 	restoreGC()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
-		WithField("cached_tree", cached).WithField("phases", ph.String()).Info("rootfs: serving")
+		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("phases", ph.String()).Info("rootfs: serving")
 	// Everything below is off the container's start path. Serve waits
 	// for its helpers before it returns (they write next to the state).
 	var bg sync.WaitGroup

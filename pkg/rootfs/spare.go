@@ -2,17 +2,24 @@ package rootfs
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/debug"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
 
+	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
+
+	"github.com/dupsnap/dupsnap/pkg/cas"
+	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
 // A spare server: exec and Go runtime start of a server process cost a
@@ -102,8 +109,9 @@ func takeSpare(binary string) *serverProc {
 	}
 }
 
-// refillSpare starts a spare of binary unless one is there or starting.
-func refillSpare(binary string) {
+// refillSpare starts a spare of binary unless one is there or starting;
+// it preloads the chain of last (the rootfs just started).
+func refillSpare(binary string, last Config) {
 	spares.Lock()
 	if spares.byBinary == nil {
 		spares.byBinary, spares.starting = map[string]*serverProc{}, map[string]bool{}
@@ -114,7 +122,11 @@ func refillSpare(binary string) {
 	}
 	spares.starting[binary] = true
 	spares.Unlock()
-	p, err := spawn(binary, "", nil)
+	var env []string
+	if e := preloadEnv(last); e != "" {
+		env = append(env, e)
+	}
+	p, err := spawn(binary, "", nil, env...)
 	spares.Lock()
 	defer spares.Unlock()
 	delete(spares.starting, binary)
@@ -166,4 +178,77 @@ func AwaitAssignment() (cfgPath string, ok bool, err error) {
 		}
 	}
 	return string(lines[0]), true, nil
+}
+
+// PreloadEnv carries, to a spare, the config (JSON; only cas_root,
+// manifest_root and layers matter) of the rootfs started just before it:
+// the next one is likely of the same image (a restarted or scaled-out
+// container), so the spare opens the stores and decodes that chain's
+// cached tree while it waits.
+const PreloadEnv = "DUPSNAP_ROOTFS_PRELOAD"
+
+// Preloaded is what a spare prepared for the chain it expects.
+type Preloaded struct {
+	casRoot, manifestRoot string
+	layers                []digest.Digest
+	store                 *cas.Store
+	ms                    *layout.Store
+	tree                  *layout.Tree
+}
+
+// Preload prepares what $PreloadEnv names; nil if nothing (no hint, no
+// cached tree, an error: the spare then loads at assignment as usual).
+func Preload() *Preloaded {
+	v := os.Getenv(PreloadEnv)
+	os.Unsetenv(PreloadEnv)
+	if v == "" {
+		return nil
+	}
+	var c Config
+	if json.Unmarshal([]byte(v), &c) != nil || c.CASRoot == "" || c.ManifestRoot == "" {
+		return nil
+	}
+	tree := loadTreeCache(c.ManifestRoot, c.Layers)
+	if tree == nil {
+		return nil
+	}
+	store, err := cas.Open(c.CASRoot, cas.Options{})
+	if err != nil {
+		return nil
+	}
+	ms, err := layout.OpenStore(c.ManifestRoot, store)
+	if err != nil {
+		store.Close()
+		return nil
+	}
+	debug.FreeOSMemory() // idle until assigned: keep only the tree
+	return &Preloaded{casRoot: c.CASRoot, manifestRoot: c.ManifestRoot, layers: c.Layers, store: store, ms: ms, tree: tree}
+}
+
+// take returns the preloaded tree and store if they are cfg's (its layers
+// still on the node); otherwise it releases them and returns nil.
+func (p *Preloaded) take(cfg Config) (*layout.Tree, *cas.Store) {
+	if p == nil {
+		return nil, nil
+	}
+	if p.casRoot == cfg.CASRoot && p.manifestRoot == cfg.ManifestRoot && slices.Equal(p.layers, cfg.Layers) {
+		ok := true
+		for _, d := range cfg.Layers {
+			ok = ok && p.ms.Has(d)
+		}
+		if ok {
+			return p.tree, p.store
+		}
+	}
+	p.store.Close()
+	return nil, nil
+}
+
+// preloadEnv is the PreloadEnv value for a spare started after cfg.
+func preloadEnv(cfg Config) string {
+	b, err := json.Marshal(Config{CASRoot: cfg.CASRoot, ManifestRoot: cfg.ManifestRoot, Layers: cfg.Layers})
+	if err != nil {
+		return ""
+	}
+	return PreloadEnv + "=" + string(b)
 }

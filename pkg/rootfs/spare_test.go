@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 )
 
 // dropSpares ends every spare of this process (the daemon's would see EOF
@@ -36,7 +38,7 @@ func TestStartSpare(t *testing.T) {
 	t.Cleanup(func() { dropSpares(t) })
 	e := newEnv(t)
 	layers := baseLayers(t, e)
-	start := func(name string) (int, Config, string) {
+	start := func(name string, layers []digest.Digest) (int, Config, string) {
 		dir := filepath.Join(e.dir, name)
 		mp := filepath.Join(dir, "rootfs")
 		os.MkdirAll(mp, 0o755)
@@ -57,7 +59,7 @@ func TestStartSpare(t *testing.T) {
 		})
 		return pid, cfg, logFile
 	}
-	start("a")
+	start("a", layers)
 	// The first start leaves a spare behind (started in the background).
 	spareBin := ServerBinary(bin)
 	var sparePID int
@@ -73,7 +75,7 @@ func TestStartSpare(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	pid, cfg, logFile := start("b")
+	pid, cfg, logFile := start("b", layers)
 	if pid != sparePID {
 		t.Fatalf("second start ran pid %d, not the spare %d", pid, sparePID)
 	}
@@ -83,15 +85,8 @@ func TestStartSpare(t *testing.T) {
 	if !Alive(cfg.Mountpoint) {
 		t.Fatal("spare-served rootfs not Alive")
 	}
-	// Logged right after the ready signal.
-	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
-		b, _ := os.ReadFile(logFile)
-		if strings.Contains(string(b), "rootfs: serving") {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("spare's log did not go to the rootfs log: %q", b)
-		}
+	if l := servingLine(t, logFile); l == "" {
+		t.Fatal("spare's log did not go to the rootfs log")
 	}
 	// Stop works on it like on any server.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -101,5 +96,56 @@ func TestStartSpare(t *testing.T) {
 	}
 	if ourProcess(pid) || Mounted(cfg.Mountpoint) {
 		t.Fatal("spare-started server left after Stop")
+	}
+
+	// The spare after b preloaded b's chain (its tree is cached by now):
+	// c, of the same chain, is served from it; d, of another chain, is
+	// loaded as usual by the next spare.
+	waitSpare := func() {
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			spares.Lock()
+			p := spares.byBinary[spareBin]
+			spares.Unlock()
+			if p != nil {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("no spare server")
+			}
+		}
+	}
+	waitSpare()
+	time.Sleep(300 * time.Millisecond) // its preload
+	_, cfgC, logC := start("c", layers)
+	if l := servingLine(t, logC); !strings.Contains(l, "preloaded=true") {
+		t.Errorf("same chain not served from the preload: %s", l)
+	}
+	waitSpare()
+	_, cfgD, logD := start("d", layers[:1])
+	if l := servingLine(t, logD); !strings.Contains(l, "preloaded=false") {
+		t.Errorf("another chain served from the preload: %s", l)
+	}
+	if _, err := os.Stat(filepath.Join(cfgD.Mountpoint, "gone")); err != nil {
+		t.Errorf("d does not show its own chain (layer 1 only): %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(cfgC.Mountpoint, "gone")); err == nil {
+		t.Error("c shows a file its top layer deletes")
+	}
+}
+
+// servingLine waits for the server's "serving" log line (logged right
+// after the ready signal).
+func servingLine(t *testing.T, logFile string) string {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(logFile)
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "rootfs: serving") {
+				return l
+			}
+		}
+		if time.Now().After(deadline) {
+			return ""
+		}
 	}
 }

@@ -121,6 +121,19 @@ func TestMeasureStart(t *testing.T) {
 			c.Ctr(context.Background(), 30*time.Second, "container", "rm", id)
 		})
 	}
+	// Idle RSS of the kept containers' servers, after their delayed
+	// FreeOSMemory (2 s).
+	time.Sleep(2500 * time.Millisecond)
+	pids, _ := filepath.Glob(filepath.Join(d.Root, "snapshots", "*", "rootfs.pid"))
+	for _, f := range pids {
+		b, _ := os.ReadFile(f)
+		st, _ := os.ReadFile("/proc/" + strings.TrimSpace(string(b)) + "/status")
+		for _, l := range strings.Split(string(st), "\n") {
+			if strings.HasPrefix(l, "VmRSS:") || strings.HasPrefix(l, "RssAnon:") {
+				t.Logf("idle server %s %s", strings.TrimSpace(string(b)), strings.Join(strings.Fields(l), " "))
+			}
+		}
+	}
 	if os.Getenv("DUPSNAP_MEASURE_STATS") != "" {
 		// FUSE requests of a container's start (published every 5 s).
 		time.Sleep(6 * time.Second)

@@ -109,6 +109,9 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return err
 	}
 	ph.mark("metastore")
+	// The first container of this layer's chain should find its merged
+	// tree cached (the last layer of a pull wins: parents are cancelled).
+	s.warmTreeLater(ctx, snap.ID, snap.ParentIDs)
 
 	// The snapshot is a manifest now; its working state is garbage.
 	for _, mp := range []string{p.mnt(), p.lower()} {

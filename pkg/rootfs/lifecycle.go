@@ -163,7 +163,7 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 		if err != nil {
 			return 0, fmt.Errorf("rootfs: log file: %w", err)
 		}
-		p, err = spawn(binary, cfgPath, logf, spawnedEnv+"="+strconv.FormatInt(time.Now().UnixNano(), 10))
+		p, err = spawn(binary, cfgPath, "", logf, spawnedEnv+"="+strconv.FormatInt(time.Now().UnixNano(), 10))
 		logf.Close()
 		if err != nil {
 			return 0, err

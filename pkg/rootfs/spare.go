@@ -48,8 +48,10 @@ var spares struct {
 }
 
 // spawn starts binary as a server: with --config cfgPath and its output
-// in logf, or, for a spare (cfgPath ""), waiting for its assignment.
-func spawn(binary, cfgPath string, logf *os.File, env ...string) (*serverProc, error) {
+// in logf, or, for a spare (cfgPath ""), waiting for its assignment; a
+// spare's command line names owner (the store it will serve), so that
+// operators and cleanup code can tell whose process it is.
+func spawn(binary, cfgPath, owner string, logf *os.File, env ...string) (*serverProc, error) {
 	rp, wp, err := os.Pipe()
 	if err != nil {
 		return nil, fmt.Errorf("rootfs: ready pipe: %w", err)
@@ -67,7 +69,7 @@ func spawn(binary, cfgPath string, logf *os.File, env ...string) (*serverProc, e
 		}
 		defer ar.Close()
 		p.assign = aw
-		args = []string{"rootfs", "--spare"}
+		args = []string{"rootfs", "--spare", "--for", owner}
 		files = append(files, ar) // fd 4
 		env = append(env, AssignFDEnv+"=4")
 	}
@@ -126,7 +128,7 @@ func refillSpare(binary string, last Config) {
 	if e := preloadEnv(last); e != "" {
 		env = append(env, e)
 	}
-	p, err := spawn(binary, "", nil, env...)
+	p, err := spawn(binary, "", last.CASRoot, nil, env...)
 	spares.Lock()
 	defer spares.Unlock()
 	delete(spares.starting, binary)

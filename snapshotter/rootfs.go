@@ -255,8 +255,11 @@ func (s *Snapshotter) liveMounts(ctx context.Context) (mps []string) {
 // treeWarmDelay: a pull commits its layers one on top of the other; a
 // chain nothing is committed on within this delay (an image's top) gets
 // its rootfs tree built in the background, so that even the image's first
-// container starts without merging manifests (see rootfs.WarmTree).
-const treeWarmDelay = 250 * time.Millisecond
+// container starts without merging manifests (see rootfs.WarmTree). Long
+// enough that a layer whose successor is still downloading or unpacking
+// (not just applying) is rarely built for nothing while the pull needs
+// the CPU.
+const treeWarmDelay = time.Second
 
 // treeWarm holds the pending builds by committed snapshot ID.
 var treeWarm struct {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"sync"
-	"sync/atomic"
 
 	"github.com/containerd/log"
 	"github.com/klauspost/compress/zstd"
@@ -37,9 +36,6 @@ type Batch struct {
 	hits     map[string]struct{} // shards of objects found already present
 	inflight sync.WaitGroup
 
-	syncers sync.WaitGroup // early fdatasyncs of streamed temps (syncEarly)
-	syncSem chan struct{}
-
 	created []*tempObj // every temp the writer created (writer-owned until wdone)
 	linked  []*tempObj // named temps made by Link and AdoptFile (no fd; under mu)
 }
@@ -54,22 +50,7 @@ const (
 
 // Batches with at most this many new objects use per-file syncs; bigger
 // ones use two syncfs calls (see Commit for why and what was measured).
-// Objects already made durable by syncEarly count only towards the second
-// bound: per-file commit still fsyncs each one's inode after linking.
-const (
-	perFileMax       = 8
-	perFileMaxSynced = 64
-)
-
-func unsynced(objs []*tempObj) int {
-	n := 0
-	for _, t := range objs {
-		if !t.synced.Load() {
-			n++
-		}
-	}
-	return n
-}
+const perFileMax = 8
 
 // tempObj is one temp file on its way to becoming an object.
 type tempObj struct {
@@ -79,8 +60,7 @@ type tempObj struct {
 	anon    bool   // O_TMPFILE: no name; fd stays open until linked
 	enc     *zstd.Encoder
 	logical int64
-	gone    bool        // renamed into place or unlinked: nothing to clean up
-	synced  atomic.Bool // data made durable early (syncEarly)
+	gone    bool // renamed into place or unlinked: nothing to clean up
 }
 
 type jobKind uint8
@@ -101,7 +81,7 @@ type job struct {
 
 // NewBatch starts a batch. It takes no resources until a Put writes.
 func (s *Store) NewBatch() *Batch {
-	return &Batch{s: s, pending: map[digest.Digest]*tempObj{}, hits: map[string]struct{}{}, syncSem: make(chan struct{}, 4)}
+	return &Batch{s: s, pending: map[digest.Digest]*tempObj{}, hits: map[string]struct{}{}}
 }
 
 // start takes the shared lock (temp files must not be swept while they are
@@ -260,7 +240,6 @@ func (b *Batch) drain() {
 		close(b.jobs)
 		<-b.wdone
 	}
-	b.syncers.Wait()
 }
 
 // cleanup removes every temp still present and drops the lock.
@@ -345,7 +324,7 @@ func (b *Batch) Commit(ctx context.Context) error {
 	strat := b.strat
 	if strat == syncAuto {
 		strat = syncFS
-		if b.single || unsynced(objs) <= perFileMax && len(objs) <= perFileMaxSynced && len(b.hits) <= perFileMax {
+		if b.single || len(objs) <= perFileMax && len(b.hits) <= perFileMax {
 			strat = syncPerFile
 		}
 	}
@@ -436,9 +415,6 @@ func parallel(n int, fn func(i int) error) error {
 
 func (s *Store) syncTemps(objs []*tempObj) error {
 	return parallel(len(objs), func(i int) error {
-		if objs[i].synced.Load() {
-			return nil
-		}
 		if objs[i].anon {
 			if err := unix.Fdatasync(objs[i].fd); err != nil {
 				return fmt.Errorf("cas: fdatasync temp: %w", err)

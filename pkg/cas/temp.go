@@ -74,8 +74,6 @@ func (b *Batch) finish(t *tempObj) error {
 		if err = unix.Fdatasync(t.fd); err != nil {
 			err = fmt.Errorf("cas: fdatasync temp: %w", err)
 		}
-	} else if t.logical > 0 && !b.s.opts.NoSync {
-		b.syncEarly(t)
 	}
 	if !t.anon {
 		if cerr := unix.Close(t.fd); cerr != nil && err == nil {
@@ -84,35 +82,6 @@ func (b *Batch) finish(t *tempObj) error {
 		t.fd = -1
 	}
 	return err
-}
-
-// syncEarly makes a streamed (> 1 MiB) temp's data durable in the
-// background while the batch goes on: its writeback was started chunk by
-// chunk (kick), so the device is busy with it anyway, and a batch whose
-// remaining objects are few then commits with per-file syncs of those
-// alone instead of syncfs, which would also wait for every other writer's
-// dirty data on the filesystem (measured: the ingest figure of a 123 MiB
-// layer of big files swung 270-710 MB/s with other processes writing).
-// The fdatasync works on a dup of the fd: the writer closes named temps
-// right after this.
-func (b *Batch) syncEarly(t *tempObj) {
-	fd, err := unix.Dup(t.fd)
-	if err != nil {
-		return // Commit syncs it the ordinary way
-	}
-	b.syncers.Add(1)
-	go func() {
-		defer b.syncers.Done()
-		b.syncSem <- struct{}{}
-		err := unix.Fdatasync(fd)
-		<-b.syncSem
-		unix.Close(fd)
-		if err != nil {
-			b.setErr(fmt.Errorf("cas: fdatasync temp: %w", err))
-			return
-		}
-		t.synced.Store(true)
-	}()
 }
 
 func (s *Store) releaseFd(t *tempObj) {

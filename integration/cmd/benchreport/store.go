@@ -40,6 +40,7 @@ func benchStore(ctx context.Context, rs *Results, dir string, layerMB, reps int,
 	size := float64(len(tarb)) / 1e6
 	logf("  layer: %d files, %s uncompressed tar", len(files), stack.MiB(int64(len(tarb))))
 	const hashName, ing, ingNS, exp = "sha256 over the same bytes", "ingest MB/s (uncompressed layer, durable CAS)", "ingest MB/s (uncompressed layer, no_sync CAS)", "export MB/s (warm store)"
+	const ingDisk = "durable ingest vs this disk's durable write rate"
 	// Stores are removed only when every repetition is done: on ext4 the
 	// inode allocator skips, slowly, inodes freed in the last seconds near
 	// the parent directory, so removing one store would slow the next
@@ -55,6 +56,10 @@ func benchStore(ctx context.Context, rs *Results, dir string, layerMB, reps int,
 		t0 := time.Now()
 		sha256.Sum256(tarb)
 		hashRate := size / time.Since(t0).Seconds()
+		diskRate, err := durableWriteRate(dir, tarb)
+		if err != nil {
+			return err
+		}
 		for _, nosync := range []bool{false, true} {
 			root, err := os.MkdirTemp(dir, "store-")
 			if err != nil {
@@ -81,6 +86,11 @@ func benchStore(ctx context.Context, rs *Results, dir string, layerMB, reps int,
 				name = ingNS
 			}
 			rs.Add(2, name, "MB/s", hashName, ratioGoal(">=", 0.5), size/d.Seconds(), hashRate)
+			if !nosync {
+				// Context for the durable figure: this disk's own rate for
+				// making the same bytes durable (no goal).
+				rs.Add(2, ingDisk, "MB/s", "one file written + fdatasync", func(*Result) {}, size/d.Seconds(), diskRate)
+			}
 			if nosync {
 				if err := layout.Export(ctx, c, m, io.Discard); err != nil { // warm
 					c.Close()
@@ -97,7 +107,7 @@ func benchStore(ctx context.Context, rs *Results, dir string, layerMB, reps int,
 			}
 			c.Close()
 		}
-		logf("  rep %d: sha256 %.0f MB/s, ingest %.0f MB/s (durable) / %.0f MB/s (no_sync), export %.0f MB/s", rep+1, hashRate,
+		logf("  rep %d: sha256 %.0f MB/s, durable write %.0f MB/s, ingest %.0f MB/s (durable) / %.0f MB/s (no_sync), export %.0f MB/s", rep+1, hashRate, diskRate,
 			last(rs, 2, ing), last(rs, 2, ingNS), last(rs, 2, exp))
 	}
 	return nil
@@ -109,4 +119,23 @@ func last(rs *Results, issue int, name string) float64 {
 		return 0
 	}
 	return r.Samples[len(r.Samples)-1]
+}
+
+// durableWriteRate is MB/s of writing b to one new file under dir and
+// fdatasync'ing it: what the disk allows for making those bytes durable.
+func durableWriteRate(dir string, b []byte) (float64, error) {
+	f, err := os.CreateTemp(dir, "durable-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	t0 := time.Now()
+	if _, err := f.Write(b); err != nil {
+		return 0, err
+	}
+	if err := f.Sync(); err != nil {
+		return 0, err
+	}
+	return float64(len(b)) / 1e6 / time.Since(t0).Seconds(), nil
 }

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
@@ -167,6 +168,7 @@ type cowState struct {
 	// detection for returning memory); wasBusy is syncLoop's own.
 	ops     atomic.Int64
 	wasBusy bool
+	ph      phPool // placeholders made ahead (phpool.go)
 }
 
 // acquire returns the open state of the region file of the upper file at
@@ -268,8 +270,15 @@ func (ci *cowInode) touch() {
 	if !ci.dirty.Swap(false) {
 		return
 	}
-	now := unix.Timespec{Nsec: unix.UTIME_NOW}
-	_ = unix.UtimesNanoAt(unix.AT_FDCWD, "/proc/self/fd/"+strconv.Itoa(int(ci.meta.Fd())), []unix.Timespec{now, now}, 0)
+	futimensNow(int(ci.meta.Fd()))
+}
+
+// futimensNow sets atime and mtime of fd to now: utimensat(fd, NULL),
+// which x/sys/unix does not offer (its Futimes goes through a
+// /proc/self/fd path lookup).
+func futimensNow(fd int) {
+	ts := [2]unix.Timespec{{Nsec: unix.UTIME_NOW}, {Nsec: unix.UTIME_NOW}}
+	unix.Syscall6(unix.SYS_UTIMENSAT, uintptr(fd), 0, uintptr(unsafe.Pointer(&ts[0])), 0, 0, 0)
 }
 
 // sync makes the data and metadata of ci durable: the region, the

@@ -1,48 +1,109 @@
 package rootfs
 
 import (
+	"bufio"
 	"context"
 	"os"
+	"strconv"
+	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sys/unix"
 
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
-// createCow finishes the Create of a new region file at dp/name whose
-// upper placeholder f was just made (O_EXCL). Everything goes through f's
-// descriptor, not the path (owner, mode, attr), and f stays open as the
-// placeholder handle: creating many small files is dominated by such
-// per-file syscalls. Caller holds r.mu (write).
-func (n *node) createCow(ctx context.Context, d *entryState, dp, name string, mode uint32, f *os.File, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
-	up := f.Name()
+// createCow creates the placeholder of a new region file at up (in dir
+// d, which is in upper) and finishes the Create. Creating many small
+// files is dominated by per-file syscalls, so everything goes through the
+// new descriptor (no path lookups), owner and mode are set only when the
+// create did not already give the right ones, and the descriptor stays
+// open as the placeholder handle. Caller holds r.mu (write).
+func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uint32, out *fuse.EntryOut) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
+	perm := mode & 07777
+	var (
+		fd      int
+		ref     cowRef
+		curPerm uint32 // the permission bits the new inode has
+		pooled  bool
+	)
+	if e, ok := n.r.takePlaceholder(); ok {
+		// Inode made ahead (phpool.go): a rename is all the host fs does.
+		err := unix.Renameat2(unix.AT_FDCWD, e.path, unix.AT_FDCWD, up, unix.RENAME_NOREPLACE)
+		switch {
+		case err == nil:
+			fd, ref, curPerm, pooled = e.fd, e.ref, e.perm, true
+			n.r.cowMu.Lock()
+			n.r.fresh[ref.id] = struct{}{}
+			n.r.cowMu.Unlock()
+		case err == unix.EEXIST:
+			n.r.putBackPlaceholder(e)
+			return nil, nil, 0, syscall.EEXIST
+		default:
+			dropPlaceholder(e) // and create in place below
+		}
+	}
+	if !pooled {
+		// open(2) applies the server's umask and may drop special bits:
+		// ask for the final mode at once when it survives, else fchmod.
+		curPerm = 0o600
+		if perm&^0o777 == 0 && perm&serverUmask() == 0 {
+			curPerm = perm
+		}
+		var err error
+		fd, err = unix.Open(up, unix.O_RDWR|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC|unix.O_NOFOLLOW, curPerm)
+		if err != nil {
+			return nil, nil, 0, toErrno(err)
+		}
+	}
+	// os.NewFile, not os.OpenFile: a regular file is no netpoller fd, and
+	// OpenFile's attempt to register it costs a failing epoll_ctl.
+	f := os.NewFile(uintptr(fd), up)
 	fail := func(err error) (*fs.Inode, fs.FileHandle, uint32, syscall.Errno) {
 		f.Close()
 		os.Remove(up)
 		return nil, nil, 0, toErrno(err)
 	}
-	ref, err := n.r.markCow(f, &layout.Entry{})
-	if err != nil {
-		return fail(err)
-	}
-	if c, ok := ctx.(*fuse.Context); ok {
-		uid, gid := int(c.Uid), int(c.Gid)
-		var pst syscall.Stat_t
-		if err := syscall.Lstat(n.r.upperPath(dp), &pst); err == nil && pst.Mode&syscall.S_ISGID != 0 {
-			gid = int(pst.Gid)
-		}
-		if err := f.Chown(uid, gid); err != nil {
+	if !pooled {
+		var err error
+		if ref, err = n.r.markCow(f, &layout.Entry{}); err != nil {
 			return fail(err)
 		}
 	}
-	// Explicit chmod: the server's umask must not apply twice.
-	if err := syscall.Fchmod(int(f.Fd()), mode&07777); err != nil {
-		return fail(err)
+	if c, ok := ctx.(*fuse.Context); ok {
+		// The new inode has the server's ids, or (created in place) the
+		// dir's group under a setgid dir, as the host fs does it.
+		uid, gid := int(c.Uid), int(c.Gid)
+		hostGid := os.Getegid()
+		if !d.up { // prepDir just copied the dir up
+			syscall.Lstat(dirOfAbs(up), &d.st)
+		}
+		if d.st.Mode&syscall.S_ISGID != 0 {
+			gid = int(d.st.Gid)
+			if !pooled {
+				hostGid = gid
+			}
+		}
+		if uid != os.Geteuid() || gid != hostGid {
+			// Before any chmod: chown clears setuid/setgid bits.
+			if err := unix.Fchown(fd, uid, gid); err != nil {
+				return fail(err)
+			}
+		}
+	}
+	if curPerm != perm {
+		if err := unix.Fchmod(fd, perm); err != nil {
+			return fail(err)
+		}
+	}
+	if pooled {
+		futimensNow(fd) // made a while ago; ctime moved with the rename
 	}
 	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
+	if err := syscall.Fstat(fd, &st); err != nil {
 		return fail(err)
 	}
 	ci, err := n.r.acquireNew(up, ref, f)
@@ -54,3 +115,22 @@ func (n *node) createCow(ctx context.Context, d *entryState, dp, name string, mo
 	upperAttr(&st, ch.StableAttr().Ino, &out.Attr)
 	return ch, &cowHandle{r: n.r, ci: ci, n: ch.Operations().(*node)}, fuse.FOPEN_KEEP_CACHE, 0
 }
+
+// serverUmask is this process's umask, read without changing it (umask(2)
+// would, for a moment, for every thread).
+var serverUmask = sync.OnceValue(func() uint32 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0o777 // unknown: always fchmod
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "Umask:"); ok {
+			if m, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32); err == nil {
+				return uint32(m)
+			}
+		}
+	}
+	return 0o777
+})

@@ -42,6 +42,9 @@ func (n *node) prepDir(ctx context.Context) (entryState, string, syscall.Errno) 
 	if errno != 0 {
 		return d, dp, errno
 	}
+	if d.up {
+		return d, dp, 0 // the dir is in upper already (state just lstat'ed it)
+	}
 	if err := n.r.ensureUpperDir(ctx, dp); err != nil {
 		logErr(ctx, "copy-up dir", dp, err)
 		return d, dp, toErrno(err)
@@ -109,6 +112,9 @@ func (n *node) prepName(d *entryState, dp, name string) syscall.Errno {
 	if c.exists() {
 		return syscall.EEXIST
 	}
+	if !c.wh {
+		return 0 // child's lstat saw no whiteout there
+	}
 	if _, err := n.r.removeWhiteout(join(dp, name)); err != nil {
 		return toErrno(err)
 	}
@@ -126,12 +132,12 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 		return nil, nil, 0, errno
 	}
 	up := n.r.upperPath(join(dp, name))
+	if n.r.region != nil && !n.r.plainNew {
+		return n.createCow(ctx, &d, up, mode, out)
+	}
 	f, err := os.OpenFile(up, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, nil, 0, toErrno(err)
-	}
-	if n.r.region != nil && !n.r.plainNew {
-		return n.createCow(ctx, &d, dp, name, mode, f, out)
 	}
 	f.Close()
 	ch, errno := n.created(ctx, &d, dp, name, mode, out)

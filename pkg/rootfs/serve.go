@@ -233,6 +233,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		reg := res.reg
 		r.region = reg
 		defer func() {
+			r.closePlaceholders()
 			if err := reg.Close(); err != nil {
 				log.G(ctx).WithError(err).Warn("rootfs: close region")
 			}

@@ -43,7 +43,12 @@ func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uin
 			n.r.putBackPlaceholder(e)
 			return nil, nil, 0, syscall.EEXIST
 		default:
-			dropPlaceholder(e) // and create in place below
+			// e.g. EXDEV: work and upper on different mounts; create in
+			// place below, and stop pooling if renames cannot work here.
+			dropPlaceholder(e)
+			if err == unix.EXDEV || err == unix.EINVAL {
+				n.r.stopPlaceholders()
+			}
 		}
 	}
 	if !pooled {

@@ -120,6 +120,13 @@ func dropPlaceholder(e phEntry) {
 	unix.Unlink(e.path)
 }
 
+// stopPlaceholders makes no more placeholders ahead.
+func (r *rootFS) stopPlaceholders() {
+	r.ph.mu.Lock()
+	r.ph.broken = true
+	r.ph.mu.Unlock()
+}
+
 // closePlaceholders stops the pool and removes its unused placeholders
 // (the server is stopping; the work dir may be deleted next).
 func (r *rootFS) closePlaceholders() {

@@ -29,13 +29,14 @@ func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uin
 		ref     cowRef
 		curPerm uint32 // the permission bits the new inode has
 		pooled  bool
+		pe      phEntry
 	)
 	if e, ok := n.r.takePlaceholder(); ok {
-		// Inode made ahead (phpool.go): a rename is all the host fs does.
-		err := unix.Renameat2(unix.AT_FDCWD, e.path, unix.AT_FDCWD, up, unix.RENAME_NOREPLACE)
+		// Inode made ahead (phpool.go): naming it is all the host fs does.
+		err := unix.Linkat(e.fd, "", unix.AT_FDCWD, up, unix.AT_EMPTY_PATH)
 		switch {
 		case err == nil:
-			fd, ref, curPerm, pooled = e.fd, e.ref, e.perm, true
+			fd, ref, curPerm, pooled, pe = e.fd, e.ref, e.perm, true, e
 			n.r.cowMu.Lock()
 			n.r.fresh[ref.id] = struct{}{}
 			n.r.cowMu.Unlock()
@@ -43,12 +44,10 @@ func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uin
 			n.r.putBackPlaceholder(e)
 			return nil, nil, 0, syscall.EEXIST
 		default:
-			// e.g. EXDEV: work and upper on different mounts; create in
-			// place below, and stop pooling if renames cannot work here.
+			// e.g. ENOENT/EPERM: linking by descriptor not allowed here;
+			// create in place below, and stop pooling.
 			dropPlaceholder(e)
-			if err == unix.EXDEV || err == unix.EINVAL {
-				n.r.stopPlaceholders()
-			}
+			n.r.stopPlaceholders()
 		}
 	}
 	if !pooled {
@@ -79,20 +78,20 @@ func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uin
 		}
 	}
 	if c, ok := ctx.(*fuse.Context); ok {
-		// The new inode has the server's ids, or (created in place) the
-		// dir's group under a setgid dir, as the host fs does it.
+		// An inode created in place has the server's ids, or the dir's
+		// group under a setgid dir, as the host fs does it.
 		uid, gid := int(c.Uid), int(c.Gid)
-		hostGid := os.Getegid()
+		hostUid, hostGid := os.Geteuid(), os.Getegid()
 		if !d.up { // prepDir just copied the dir up
 			syscall.Lstat(dirOfAbs(up), &d.st)
 		}
 		if d.st.Mode&syscall.S_ISGID != 0 {
-			gid = int(d.st.Gid)
-			if !pooled {
-				hostGid = gid
-			}
+			gid, hostGid = int(d.st.Gid), int(d.st.Gid)
 		}
-		if uid != os.Geteuid() || gid != hostGid {
+		if pooled {
+			hostUid, hostGid = pe.uid, pe.gid
+		}
+		if uid != hostUid || gid != hostGid {
 			// Before any chmod: chown clears setuid/setgid bits.
 			if err := unix.Fchown(fd, uid, gid); err != nil {
 				return fail(err)
@@ -105,7 +104,7 @@ func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uin
 		}
 	}
 	if pooled {
-		futimensNow(fd) // made a while ago; ctime moved with the rename
+		futimensNow(fd) // made a while ago; ctime moved with the link
 	}
 	var st syscall.Stat_t
 	if err := syscall.Fstat(fd, &st); err != nil {

@@ -22,8 +22,8 @@ import (
 // acquire, as for any placeholder whose create was not synced).
 
 const (
-	phPoolLow  = 32  // refill below this many
-	phPoolHigh = 128 // refill up to this many
+	phPoolLow  = 32 // refill below this many
+	phPoolHigh = 64 // refill up to this many
 	phPoolPerm = 0o644
 )
 

@@ -8,7 +8,6 @@ import (
 
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
-	"golang.org/x/sys/unix"
 )
 
 // cowHandle is an open file whose data lives in the region: every read
@@ -115,20 +114,7 @@ func cowAttr(st *syscall.Stat_t, size int64, ino uint64, a *fuse.Attr) {
 }
 
 func (h *cowHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
-	size := uint64(h.ci.f.Size())
-	switch whence {
-	case unix.SEEK_DATA:
-		if off >= size {
-			return 0, syscall.ENXIO
-		}
-		return off, 0
-	case unix.SEEK_HOLE:
-		if off >= size {
-			return 0, syscall.ENXIO
-		}
-		return size, 0
-	}
-	return 0, syscall.EINVAL
+	return seekAllData(off, uint64(h.ci.f.Size()), whence)
 }
 
 func (h *cowHandle) Allocate(ctx context.Context, off, size uint64, mode uint32) syscall.Errno {

@@ -165,9 +165,10 @@ func (r *rootFS) stateAt(p string, lower *layout.Node) (entryState, syscall.Errn
 			return es, 0
 		}
 		es.up = true
-		if es.st.Mode&syscall.S_IFMT == syscall.S_IFDIR {
-			es.opaque = isOpaque(r.upperPath(p))
-			if es.opaque || lower == nil || lower.Entry.Type != layout.TypeDir {
+		if es.st.Mode&syscall.S_IFMT == syscall.S_IFDIR && lower != nil && lower.Entry.Type == layout.TypeDir {
+			// Opaque matters only over an image dir (one getxattr saved
+			// per lookup of a container's own dirs).
+			if es.opaque = isOpaque(r.upperPath(p)); es.opaque {
 				es.lower = nil
 			}
 		} else {

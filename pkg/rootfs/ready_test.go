@@ -2,7 +2,6 @@ package rootfs
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,10 +58,9 @@ func TestStartReady(t *testing.T) {
 	if b, err := os.ReadFile(filepath.Join(mp, "etc/passwd")); err != nil || string(b) != "root:x:0:0\n" {
 		t.Fatalf("read right after Start: %q %v", b, err)
 	}
-	// The ready fd (3) is not left open in the server.
-	if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", pid)); err == nil && strings.HasPrefix(l, "pipe:") {
-		t.Errorf("server keeps the ready pipe open: %s", l)
-	}
+	// (Whether the server closed its ready fd cannot be told from
+	// /proc/PID/fd/3: the number is reused at once, e.g. by go-fuse's
+	// splice pipes.)
 	// A live server is waited for no longer than asked.
 	t1 := time.Now()
 	if waitExit(context.Background(), pid, 50*time.Millisecond) {

@@ -93,7 +93,12 @@ func (h *smallHandle) Release(ctx context.Context) syscall.Errno {
 
 // Lseek: an image file is all data (the CAS object is not sparse-aware).
 func (h *smallHandle) Lseek(ctx context.Context, off uint64, whence uint32) (uint64, syscall.Errno) {
-	size := uint64(h.size)
+	return seekAllData(off, uint64(h.size), whence)
+}
+
+// seekAllData is SEEK_DATA/SEEK_HOLE for a file of size bytes without
+// holes (one implicit hole at the end).
+func seekAllData(off, size uint64, whence uint32) (uint64, syscall.Errno) {
 	switch whence {
 	case unix.SEEK_DATA:
 		if off >= size {

@@ -43,6 +43,8 @@ type Config struct {
 	// particular after go-fuse's poll hack), for in-process callers: see
 	// Serve.
 	ready chan<- struct{}
+	// onFS, tests only: gets the served rootFS before the mount.
+	onFS func(*rootFS)
 
 	// Writable state (active snapshots only). The container's file data
 	// lives in a pkg/cow region under StateDir/region.

@@ -407,6 +407,9 @@ func (r *rootFS) syncLoop(ctx context.Context, every time.Duration) {
 			if err := r.region.Sync(); err != nil {
 				logErr(ctx, "region sync", r.upper, err)
 			}
+			if err := r.syncFreshNames(); err != nil {
+				logErr(ctx, "sync new names", r.upper, err)
+			}
 			// After a burst of I/O (request buffers of up to MaxWrite
 			// each), hand the memory back once things are quiet.
 			busy := r.ops.Swap(0)
@@ -420,6 +423,38 @@ func (r *rootFS) syncLoop(ctx context.Context, every time.Duration) {
 }
 
 var _ = cas.Options{}
+
+// freshMax bounds r.fresh: a container that creates many files and never
+// fsyncs them would otherwise grow it by one entry per file for its life.
+const freshMax = 4096
+
+// syncFreshNames makes every upper name durable at once (syncfs of the
+// upper filesystem) when more than freshMax new files wait for their
+// first fsync, and forgets them: their fsync then needs no dir syncs.
+// Names created while syncfs runs go to the new map and stay tracked.
+func (r *rootFS) syncFreshNames() error {
+	r.cowMu.Lock()
+	if len(r.fresh) <= freshMax {
+		r.cowMu.Unlock()
+		return nil
+	}
+	old := r.fresh
+	r.fresh = map[uint64]struct{}{}
+	r.cowMu.Unlock()
+	fd, err := unix.Open(r.upper, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err == nil {
+		err = unix.Syncfs(fd)
+		unix.Close(fd)
+	}
+	if err != nil {
+		r.cowMu.Lock()
+		for id := range old {
+			r.fresh[id] = struct{}{}
+		}
+		r.cowMu.Unlock()
+	}
+	return err
+}
 
 // cowRefOf reports the region reference of upper entry es at path p.
 func (r *rootFS) cowRefOf(es *entryState, p string) (cowRef, bool) {

@@ -243,6 +243,9 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		go r.syncLoop(sctx, syncInterval)
 	}
 	ph.mark("state")
+	if cfg.onFS != nil {
+		cfg.onFS(r)
+	}
 	root := &node{r: r, lower: tree.Root}
 	opts := mountOptions(cfg)
 	st := newOpStats()

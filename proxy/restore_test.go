@@ -50,8 +50,8 @@ func TestColdRestoreStreamsVerified(t *testing.T) {
 	if err := p.Flush(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if st, err := p.Stats(ctx); err != nil || st.RecipeLayers != 1 {
-		t.Fatalf("want a recipe layer: %+v %v", st, err)
+	if st, err := p.Stats(ctx); err != nil || st.RecipeLayers != 1 || st.ParallelRecipes != 1 {
+		t.Fatalf("want a recipe layer with checkpoints: %+v %v", st, err)
 	}
 	restart := func() *proxytest.Proxy {
 		p.Stop()

@@ -5,6 +5,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/proxy/recipe"
 )
 
 // Stats describes the store.
@@ -12,9 +14,11 @@ type Stats struct {
 	Images int `json:"images"`
 	Layers int `json:"layers"`
 	// Layers by how they are restored.
-	TarLayers      int `json:"tarLayers"`
-	RecipeLayers   int `json:"recipeLayers"`
-	RetainedLayers int `json:"retainedLayers"`
+	TarLayers    int `json:"tarLayers"`
+	RecipeLayers int `json:"recipeLayers"`
+	// ParallelRecipes: recipe layers with checkpoints (restored on all cores).
+	ParallelRecipes int `json:"parallelRecipeLayers"`
+	RetainedLayers  int `json:"retainedLayers"`
 	// Bytes of compressed layer blobs kept whole (no recipe).
 	RetainedBytes int64 `json:"retainedBytes"`
 	// LogicalBytes: what the store can serve (layer blob sizes plus other blobs).
@@ -57,6 +61,9 @@ func (s *Server) Stats(ctx context.Context) (Stats, error) {
 			st.RetainedBytes += rec.Size
 		case rec.Recipe != nil:
 			st.RecipeLayers++
+			if r, err := recipe.Unmarshal(rec.Recipe); err == nil && r.Parallel() {
+				st.ParallelRecipes++
+			}
 		default:
 			st.TarLayers++
 		}

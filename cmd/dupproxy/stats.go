@@ -56,7 +56,8 @@ be in use by "dupproxy serve" (the store is locked); query its /metrics instead.
 				ratio = float64(st.PhysicalBytes) / float64(st.LogicalBytes)
 			}
 			fmt.Printf("images:            %d\n", st.Images)
-			fmt.Printf("layers:            %d (tar %d, recipe-restorable %d, retained %d)\n", st.Layers, st.TarLayers, st.RecipeLayers, st.RetainedLayers)
+			fmt.Printf("layers:            %d (tar %d, recipe-restorable %d of which %d in parallel chunks, retained %d)\n",
+				st.Layers, st.TarLayers, st.RecipeLayers, st.ParallelRecipes, st.RetainedLayers)
 			fmt.Printf("retained bytes:    %s\n", b(st.RetainedBytes))
 			fmt.Printf("file objects:      %d (%s, %s on disk)\n", st.Objects, b(st.ObjectBytes), b(st.ObjectStored))
 			fmt.Printf("logical bytes:     %s\n", b(st.LogicalBytes))

@@ -33,6 +33,10 @@ var errEnded = fmt.Errorf("%w: input ended early", errChunk)
 // chunked reports whether r restores in parallel chunks.
 func (r *Recipe) chunked() bool { return len(r.cps) > 0 }
 
+// Parallel reports whether the recipe carries checkpoints, so that Restore
+// re-compresses its chunks on all cores (version 2).
+func (r *Recipe) Parallel() bool { return r.chunked() }
+
 // chunkStart is the state before chunk i (0: a fresh compressor).
 func (r *Recipe) chunkStart(i int) goflate.Checkpoint {
 	if i == 0 {

@@ -14,6 +14,15 @@ import (
 // dropSpares ends every spare of this process (the daemon's would see EOF
 // when it exits; a test cleans up at once).
 func dropSpares(t *testing.T) {
+	// A refill may still be starting one (it runs in the background).
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		spares.Lock()
+		busy := len(spares.starting) > 0
+		spares.Unlock()
+		if !busy || time.Now().After(deadline) {
+			break
+		}
+	}
 	spares.Lock()
 	defer spares.Unlock()
 	for b, p := range spares.byBinary {
@@ -35,8 +44,10 @@ func dropSpares(t *testing.T) {
 func TestStartSpare(t *testing.T) {
 	needRoot(t)
 	bin := dupsnapBin(t)
-	t.Cleanup(func() { dropSpares(t) })
 	e := newEnv(t)
+	// After newEnv: cleanups run last-registered first, and the spares
+	// must be gone before the env's temp dir is removed under them.
+	t.Cleanup(func() { dropSpares(t) })
 	layers := baseLayers(t, e)
 	start := func(name string, layers []digest.Digest) (int, Config, string) {
 		dir := filepath.Join(e.dir, name)

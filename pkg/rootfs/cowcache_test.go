@@ -26,7 +26,7 @@ func TestCowPageCache(t *testing.T) {
 	const size = 1 << 20
 	e, layers, body := bigImage(t, size)
 	cfg := activeCfg(e, layers)
-	serve(t, cfg)
+	serveProc(t, cfg) // mmaps: see serveProc
 	mp := cfg.Mountpoint
 
 	for _, name := range []string{"big", "new"} {

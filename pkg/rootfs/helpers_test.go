@@ -200,6 +200,33 @@ func serve(t *testing.T, cfg Config) (stop func()) {
 	return stop
 }
 
+// serveProc is serve with the server in its own process (Start), for
+// tests that touch the mount through mmap: a page fault on an in-process
+// mount keeps its thread (and P) in the kernel until this very process's
+// server answers, and a stop-the-world GC then stops that server too (seen
+// in a CI trial: TestOverlayDifferential hung in mmapWrite's memmove).
+func serveProc(t *testing.T, cfg Config) (stop func()) {
+	t.Helper()
+	if err := os.MkdirAll(cfg.Mountpoint, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	startServer(t, dupsnapBin(t), cfg, cfg.Mountpoint+".log")
+	stopped := false
+	stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		if err := Stop(ctx, cfg.Mountpoint); err != nil {
+			t.Errorf("Stop: %v", err)
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
 // startServer runs cfg in a real rootfs server process (Start) and
 // registers its kill and unmount for cleanup; it returns the server's pid.
 func startServer(t *testing.T, bin string, cfg Config, logFile string) int {

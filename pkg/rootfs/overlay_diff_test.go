@@ -54,7 +54,7 @@ func TestOverlayDifferential(t *testing.T) {
 
 	cfg := Config{Mountpoint: filepath.Join(e.dir, "active", "rootfs"), CASRoot: e.cas.Root(),
 		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: layers, StateDir: filepath.Join(e.dir, "active", "state")}
-	stop := serve(t, cfg)
+	stop := serveProc(t, cfg) // randomOps mmaps: see serveProc
 	ovl := filepath.Join(e.dir, "ovl", "rootfs")
 	remountOvl := mountOverlay(t, lower, filepath.Join(e.dir, "ovl"), ovl)
 	compareTrees(t, "initial", cfg.Mountpoint, ovl)
@@ -66,7 +66,7 @@ func TestOverlayDifferential(t *testing.T) {
 		}
 	}
 	stop()
-	serve(t, cfg)
+	serveProc(t, cfg)
 	remountOvl()
 	compareTrees(t, "after remount", cfg.Mountpoint, ovl)
 }

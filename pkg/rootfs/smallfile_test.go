@@ -49,7 +49,7 @@ func TestSmallFileCoherentAfterWrite(t *testing.T) {
 	needRoot(t)
 	e, layers := smallImage(t)
 	cfg := activeCfg(e, layers)
-	serve(t, cfg)
+	serveProc(t, cfg) // mmaps: see serveProc
 	mp := cfg.Mountpoint
 	p := filepath.Join(mp, "s")
 	r, err := os.Open(p)

@@ -153,7 +153,8 @@ func (e *env) addLayer(t *testing.T, tarball []byte) digest.Digest {
 }
 
 // serve mounts cfg in-process; cleanup unmounts and, if that fails,
-// aborts the connection so nothing can hang.
+// aborts the connection so nothing can hang. Never mmap such a mount from
+// the test: use serveProc for that.
 func serve(t *testing.T, cfg Config) (stop func()) {
 	t.Helper()
 	if err := os.MkdirAll(cfg.Mountpoint, 0o755); err != nil {

@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/dupsnap/dupsnap/internal/phases"
 	"github.com/dupsnap/dupsnap/pkg/cas"
 	"github.com/dupsnap/dupsnap/pkg/layout"
 	"github.com/dupsnap/dupsnap/pkg/rootfs"
@@ -24,7 +25,7 @@ import (
 // not depend on their parent.
 func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) (retErr error) {
 	defer observe("commit", time.Now())
-	ph := phases{last: time.Now()}
+	ph := phases.Start(time.Now())
 	ctx = logKey(ctx, key)
 	var (
 		snap storage.Snapshot
@@ -50,10 +51,10 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 	}
 
-	ph.mark("info")
+	ph.Mark("info")
 	s.gcMu.RLock()
 	defer s.gcMu.RUnlock()
-	ph.mark("gc-lock")
+	ph.Mark("gc-lock")
 
 	p := s.paths(snap.ID)
 	mode := s.modeOf(snap.ID)
@@ -71,13 +72,13 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			return fmt.Errorf("staged layer %s vanished: %w", mkey, errdefs.ErrNotFound)
 		}
 	case modeUnpack:
-		mkey, usage, err = s.ingestStaging(ctx, snap, base.Parent, p, &ph)
+		mkey, usage, err = s.ingestStaging(ctx, snap, base.Parent, p, ph)
 	default:
 		rcfg, cerr := s.rootfsConfig(snap.ID, snap.ParentIDs, false)
 		if cerr != nil {
 			return cerr
 		}
-		mkey, usage, err = s.ingest(ctx, &ph, func(b *cas.Batch) (*layout.Manifest, error) {
+		mkey, usage, err = s.ingest(ctx, ph, func(b *cas.Batch) (*layout.Manifest, error) {
 			return rootfs.Changes(ctx, rcfg, b)
 		})
 	}
@@ -100,7 +101,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 	}
 
-	ph.mark("manifest-ref")
+	ph.Mark("manifest-ref")
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		_, err := storage.CommitActive(ctx, key, name, usage, opts...)
 		return err
@@ -108,7 +109,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		os.Remove(p.manifest())
 		return err
 	}
-	ph.mark("metastore")
+	ph.Mark("metastore")
 	// The first container of this layer's chain should find its merged
 	// tree cached (the last layer of a pull wins: parents are cancelled).
 	s.warmTreeLater(ctx, snap.ID, snap.ParentIDs)
@@ -128,7 +129,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			log.G(ctx).WithError(err).WithField("path", d).Warn("cleaning committed snapshot")
 		}
 	}
-	ph.mark("cleanup")
+	ph.Mark("cleanup")
 	log.G(ctx).WithField("name", name).WithField("layer", mkey).WithField("added", usage.Size).
 		WithField("phases", ph.String()).Debug("committed")
 	return nil
@@ -137,20 +138,20 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 // ingest builds a manifest through fn under a CAS lease, makes its objects
 // durable and stores the manifest. Usage is what the layer added to the
 // store: objects the CAS did not have before this batch, and its entries.
-func (s *Snapshotter) ingest(ctx context.Context, ph *phases, fn func(*cas.Batch) (*layout.Manifest, error)) (digest.Digest, snapshots.Usage, error) {
+func (s *Snapshotter) ingest(ctx context.Context, ph *phases.Timer, fn func(*cas.Batch) (*layout.Manifest, error)) (digest.Digest, snapshots.Usage, error) {
 	release, err := s.cas.Lease(ctx)
 	if err != nil {
 		return "", snapshots.Usage{}, err
 	}
 	defer release()
 	b := s.cas.NewBatch()
-	ph.mark("lease")
+	ph.Mark("lease")
 	m, err := fn(b)
 	if err != nil {
 		b.Abort()
 		return "", snapshots.Usage{}, err
 	}
-	ph.mark("read")
+	ph.Mark("read")
 	sizes := make(map[digest.Digest]int64, len(m.Entries))
 	for _, e := range m.Entries {
 		if e.Digest != "" {
@@ -168,13 +169,13 @@ func (s *Snapshotter) ingest(ctx context.Context, ph *phases, fn func(*cas.Batch
 	if err := b.Commit(ctx); err != nil {
 		return "", snapshots.Usage{}, err
 	}
-	ph.mark("batch-commit")
+	ph.Mark("batch-commit")
 	if !s.layers.Has(m.DiffID) {
 		if err := s.layers.Put(ctx, m); err != nil {
 			return "", snapshots.Usage{}, err
 		}
 	}
-	ph.mark("manifest-put")
+	ph.Mark("manifest-put")
 	ingestedBytes.Add(float64(added))
 	return m.DiffID, snapshots.Usage{Size: added, Inodes: int64(len(m.Entries))}, nil
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
 
+	"github.com/dupsnap/dupsnap/internal/phases"
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
@@ -38,7 +39,7 @@ func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snap
 
 func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, retErr error) {
 	ctx = logKey(ctx, key)
-	ph := phases{last: time.Now()}
+	ph := phases.Start(time.Now())
 	var base snapshots.Info
 	for _, o := range opts {
 		if err := o(&base); err != nil {
@@ -79,7 +80,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}
 
-	ph.mark("lookup")
+	ph.Mark("lookup")
 	var (
 		snap storage.Snapshot
 		info snapshots.Info
@@ -106,7 +107,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 		}
 	}()
 
-	ph.mark("metastore")
+	ph.Mark("metastore")
 	// Servers start outside the metadata transaction so that one slow mount
 	// does not hold the database for everybody.
 	switch mode {
@@ -136,7 +137,7 @@ func (s *Snapshotter) create(ctx context.Context, kind snapshots.Kind, key, pare
 			return nil, err
 		}
 	}
-	ph.mark("servers")
+	ph.Mark("servers")
 	log.G(ctx).WithField("id", snap.ID).WithField("parent", parent).WithField("mode", mode).
 		WithField("phases", ph.String()).Debug("snapshot created")
 	return s.mounts(snap, info), nil

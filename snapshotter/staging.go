@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -13,6 +12,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
+	"github.com/dupsnap/dupsnap/internal/phases"
 	"github.com/dupsnap/dupsnap/pkg/cas"
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
@@ -24,7 +24,7 @@ import (
 // durable before any object name exists. Adoption rewrites the files'
 // metadata (after FromDir has read it), so a staging dir can be ingested
 // once only: a second attempt (containerd retrying a failed Commit) fails.
-func (s *Snapshotter) ingestStaging(ctx context.Context, snap storage.Snapshot, parent string, p snapPaths, ph *phases) (key digest.Digest, u snapshots.Usage, err error) {
+func (s *Snapshotter) ingestStaging(ctx context.Context, snap storage.Snapshot, parent string, p snapPaths, ph *phases.Timer) (key digest.Digest, u snapshots.Usage, err error) {
 	since := time.Now()
 	if st, err := os.Stat(p.work()); err == nil {
 		since = st.ModTime() // made at Prepare, before the applier ran
@@ -59,20 +59,3 @@ func (s *Snapshotter) ingestStaging(ctx context.Context, snap storage.Snapshot, 
 		return layout.FromDirWith(ctx, b, p.upper(), layout.DirOptions{Adopt: true, SkipDir: skip})
 	})
 }
-
-// phases times the steps of one operation for a debug log line.
-type phases struct {
-	last time.Time
-	b    strings.Builder
-}
-
-func (ph *phases) mark(name string) {
-	now := time.Now()
-	if ph.b.Len() > 0 {
-		ph.b.WriteByte(' ')
-	}
-	fmt.Fprintf(&ph.b, "%s=%s", name, now.Sub(ph.last).Round(10*time.Microsecond))
-	ph.last = now
-}
-
-func (ph *phases) String() string { return ph.b.String() }

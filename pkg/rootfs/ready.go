@@ -3,15 +3,15 @@ package rootfs
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"os"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/dupsnap/dupsnap/internal/phases"
 )
 
 // Start learns that its server is ready through a pipe: the server inherits
@@ -153,33 +153,21 @@ func waitExit(ctx context.Context, pid int, d time.Duration) bool {
 	return true
 }
 
-// phases times the steps of a server's start (logged with "serving").
-type phases struct {
-	last time.Time
-	b    strings.Builder
-}
-
-// newPhases starts timing; the first phase ("exec") is the time since
-// Start spawned this process, if it did.
-func newPhases() *phases {
-	ph := &phases{last: time.Now()}
+// newPhases starts timing a server's start (logged with "serving"); the
+// first phase ("exec") is the time since Start spawned this process, if it
+// did.
+func newPhases() *phases.Timer {
+	start := time.Now()
+	exec := false
 	if v := os.Getenv(spawnedEnv); v != "" {
 		os.Unsetenv(spawnedEnv)
 		if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
-			ph.last = time.Unix(0, ns)
-			ph.mark("exec")
+			start, exec = time.Unix(0, ns), true
 		}
+	}
+	ph := phases.Start(start)
+	if exec {
+		ph.Mark("exec")
 	}
 	return ph
 }
-
-func (ph *phases) mark(name string) {
-	now := time.Now()
-	if ph.b.Len() > 0 {
-		ph.b.WriteByte(' ')
-	}
-	fmt.Fprintf(&ph.b, "%s=%s", name, now.Sub(ph.last).Round(10*time.Microsecond))
-	ph.last = now
-}
-
-func (ph *phases) String() string { return ph.b.String() }

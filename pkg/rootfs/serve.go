@@ -14,6 +14,7 @@ import (
 	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 
+	"github.com/dupsnap/dupsnap/internal/phases"
 	"github.com/dupsnap/dupsnap/pkg/cas"
 	"github.com/dupsnap/dupsnap/pkg/cow"
 	"github.com/dupsnap/dupsnap/pkg/layout"
@@ -21,7 +22,7 @@ import (
 
 // loadTree returns the merged tree of cfg.Layers: from the tree cache if
 // it has the chain (cached reports that), else by merging the manifests.
-func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _ *cas.Store, cached bool, err error) {
+func loadTree(ctx context.Context, cfg Config, ph *phases.Timer) (tree *layout.Tree, _ *cas.Store, cached bool, err error) {
 	store, err := cas.Open(cfg.CASRoot, cas.Options{})
 	if err != nil {
 		return nil, nil, false, fmt.Errorf("rootfs: open cas: %w", err)
@@ -35,7 +36,7 @@ func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _
 	if err != nil {
 		return nil, nil, false, fmt.Errorf("rootfs: open manifest store: %w", err)
 	}
-	ph.mark("open")
+	ph.Mark("open")
 	// A layer that is gone fails the start with or without a cached tree.
 	for _, d := range cfg.Layers {
 		if !ms.Has(d) {
@@ -43,7 +44,7 @@ func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _
 		}
 	}
 	if tree = loadTreeCache(cfg.ManifestRoot, cfg.Layers); tree != nil {
-		ph.mark("cached")
+		ph.Mark("cached")
 		return tree, store, true, nil
 	}
 	chain := make([]*layout.Manifest, 0, len(cfg.Layers))
@@ -54,13 +55,13 @@ func loadTree(ctx context.Context, cfg Config, ph *phases) (tree *layout.Tree, _
 		}
 		chain = append(chain, m)
 	}
-	ph.mark("manifests")
+	ph.Mark("manifests")
 	tree, err = layout.Merge(chain)
 	if err != nil {
 		return nil, nil, false, fmt.Errorf("rootfs: merge layers: %w", err)
 	}
 	fixRoot(tree)
-	ph.mark("merge")
+	ph.Mark("merge")
 	return tree, store, false, nil
 }
 
@@ -211,7 +212,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	tree, store := pre.take(cfg)
 	cached, preloaded := tree != nil, tree != nil
 	if preloaded {
-		ph.mark("preloaded")
+		ph.Mark("preloaded")
 	} else {
 		var err error
 		if tree, store, cached, err = loadTree(ctx, cfg, ph); err != nil {
@@ -242,7 +243,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		defer scancel()
 		go r.syncLoop(sctx, syncInterval)
 	}
-	ph.mark("state")
+	ph.Mark("state")
 	if cfg.onFS != nil {
 		cfg.onFS(r)
 	}
@@ -259,7 +260,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	if err != nil {
 		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
 	}
-	ph.mark("mount")
+	ph.Mark("mount")
 	// An in-process caller must not touch the mount before this point: a
 	// Go open(2) of a FUSE file registers it with the runtime's epoll while
 	// holding a P, and until go-fuse's poll hack (in WaitMount) has made the

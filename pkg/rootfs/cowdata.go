@@ -117,20 +117,11 @@ func (r *rootFS) acquireNew(up string, ref cowRef, meta *os.File) (*cowInode, er
 	if r.open[ref.id] != nil {
 		return nil, fmt.Errorf("rootfs: region file %x of %s already open: %w", ref.id, up, syscall.EEXIST)
 	}
-	ci := &cowInode{ref: ref, refs: 1, meta: meta}
-	ci.upath.Store(&up)
-	if _, ok := r.fresh[ref.id]; ok {
-		ci.nsDirty.Store(true)
-		delete(r.fresh, ref.id)
-	}
-	f, err := r.region.File(ref.id)
-	if errors.Is(err, cow.ErrNotExist) {
-		f, err = r.region.Create(ref.id)
-	}
+	ci, err := r.newCowInode(up, ref)
 	if err != nil {
-		return nil, fmt.Errorf("rootfs: region file of %s: %w", up, err)
+		return nil, err
 	}
-	ci.f = f
+	ci.meta = meta
 	r.open[ref.id] = ci
 	return ci, nil
 }
@@ -173,6 +164,30 @@ type cowState struct {
 
 // acquire returns the open state of the region file of the upper file at
 // up, opening (or, after a crash that lost it, recreating) it.
+// newCowInode is the open state of region file ref named by up, its
+// region file opened (or created). Caller holds cowMu.
+func (r *rootFS) newCowInode(up string, ref cowRef) (*cowInode, error) {
+	ci := &cowInode{ref: ref, refs: 1}
+	ci.upath.Store(&up)
+	if _, ok := r.fresh[ref.id]; ok {
+		ci.nsDirty.Store(true)
+		delete(r.fresh, ref.id)
+	}
+	f, err := r.region.File(ref.id)
+	if errors.Is(err, cow.ErrNotExist) {
+		// Never written (or the create was not synced): start from the
+		// base (a new file has none).
+		if f, err = r.region.Create(ref.id); err == nil && ref.base != "" {
+			err = f.SetBase(ref.baseSize)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("rootfs: region file of %s: %w", up, err)
+	}
+	ci.f = f
+	return ci, nil
+}
+
 func (r *rootFS) acquire(up string) (*cowInode, error) {
 	ref, ok := readCowRef(up)
 	if !ok {
@@ -184,23 +199,10 @@ func (r *rootFS) acquire(up string) (*cowInode, error) {
 		ci.refs++
 		return ci, nil
 	}
-	ci := &cowInode{ref: ref, refs: 1}
-	ci.upath.Store(&up)
-	if _, ok := r.fresh[ref.id]; ok {
-		ci.nsDirty.Store(true)
-		delete(r.fresh, ref.id)
-	}
-	f, err := r.region.File(ref.id)
-	if errors.Is(err, cow.ErrNotExist) {
-		// Never written (or the create was not synced): start from the base.
-		if f, err = r.region.Create(ref.id); err == nil && ref.base != "" {
-			err = f.SetBase(ref.baseSize)
-		}
-	}
+	ci, err := r.newCowInode(up, ref)
 	if err != nil {
-		return nil, fmt.Errorf("rootfs: region file of %s: %w", up, err)
+		return nil, err
 	}
-	ci.f = f
 	if ref.base != "" && ref.baseSize > 0 {
 		if ci.base, err = r.cas.OpenFile(ref.base); err != nil {
 			return nil, fmt.Errorf("rootfs: base of %s: %w", up, err)

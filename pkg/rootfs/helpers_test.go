@@ -201,6 +201,22 @@ func serve(t *testing.T, cfg Config) (stop func()) {
 	return stop
 }
 
+// extractLower copies the merged tree of layers, read through a read-only
+// view, into e.dir/lower: the lower dir of an overlayfs baseline.
+func extractLower(t *testing.T, e *env, layers []digest.Digest) string {
+	t.Helper()
+	view := Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
+		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: layers, ReadOnly: true}
+	stopView := serve(t, view)
+	lower := filepath.Join(e.dir, "lower")
+	if err := os.MkdirAll(lower, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	copyTree(t, view.Mountpoint, lower)
+	stopView()
+	return lower
+}
+
 // serveProc is serve with the server in its own process (Start), for
 // tests that touch the mount through mmap: a page fault on an in-process
 // mount keeps its thread (and P) in the kernel until this very process's

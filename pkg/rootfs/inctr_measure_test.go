@@ -53,13 +53,7 @@ func TestMeasureInctr(t *testing.T) {
 	body = nil
 	bin := dupsnapBin(t)
 
-	view := Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
-		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: []digest.Digest{layer}, ReadOnly: true}
-	stopView := serve(t, view)
-	lower := filepath.Join(e.dir, "lower")
-	os.MkdirAll(lower, 0o755)
-	copyTree(t, view.Mountpoint, lower)
-	stopView()
+	lower := extractLower(t, e, []digest.Digest{layer})
 
 	run := func(root string) map[string]float64 {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

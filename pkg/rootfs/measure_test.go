@@ -41,14 +41,7 @@ func TestMeasure(t *testing.T) {
 	ents = nil
 	bin := dupsnapBin(t)
 
-	// The overlayfs lower: the merged image, extracted through a view.
-	view := Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
-		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: []digest.Digest{layer}, ReadOnly: true}
-	stopView := serve(t, view)
-	lower := filepath.Join(e.dir, "lower")
-	os.MkdirAll(lower, 0o755)
-	copyTree(t, view.Mountpoint, lower)
-	stopView()
+	lower := extractLower(t, e, []digest.Digest{layer})
 
 	var res measureResults
 	for rep := 0; rep < measureReps; rep++ {

@@ -54,7 +54,7 @@ func TestMeasureUsr(t *testing.T) {
 				return nil
 			}
 			info, err := de.Info()
-			if err != nil || info.Size() > 256<<10 || info.Mode()&0o444 == 0 {
+			if err != nil || info.Size() > 1<<20 || info.Mode()&0o444 == 0 {
 				return nil
 			}
 			if n >= 5000 || total+info.Size() > 96<<20 {
@@ -83,13 +83,7 @@ func TestMeasureUsr(t *testing.T) {
 	ents = nil
 	t.Logf("%d files, %d MiB", n, total>>20)
 
-	view := Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
-		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: []digest.Digest{layer}, ReadOnly: true}
-	stopView := serve(t, view)
-	lower := filepath.Join(e.dir, "lower")
-	os.MkdirAll(lower, 0o755)
-	copyTree(t, view.Mountpoint, lower)
-	stopView()
+	lower := extractLower(t, e, []digest.Digest{layer})
 
 	bin := dupsnapBin(t)
 	ptMin := int64(-1)

@@ -44,13 +44,7 @@ func TestOverlayDifferential(t *testing.T) {
 	needRoot(t)
 	e := newEnv(t)
 	layers := baseLayers(t, e)
-	view := Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
-		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: layers, ReadOnly: true}
-	stopView := serve(t, view)
-	lower := filepath.Join(e.dir, "lower")
-	os.Mkdir(lower, 0o755)
-	copyTree(t, view.Mountpoint, lower)
-	stopView()
+	lower := extractLower(t, e, layers)
 
 	cfg := Config{Mountpoint: filepath.Join(e.dir, "active", "rootfs"), CASRoot: e.cas.Root(),
 		ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: layers, StateDir: filepath.Join(e.dir, "active", "state")}

@@ -89,20 +89,3 @@ func TestBackingKeptAcrossOpens(t *testing.T) {
 		t.Fatalf("%d READs reached the server: not passthrough", n)
 	}
 }
-
-// settled waits (bounded) until count() == want: the kernel sends RELEASE
-// after close(2) returns, so the server's view lags the test's.
-func settled(t *testing.T, what string, want int, count func() int) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		n := count()
-		if n == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d %s, want %d", n, what, want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}

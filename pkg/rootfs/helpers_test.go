@@ -385,3 +385,21 @@ func isErrno(err error, want syscall.Errno) bool {
 }
 
 var errorsAs = errors.As
+
+// settled waits (bounded) until count() == want, for server state that
+// lags the test (the kernel sends RELEASE after close(2) returns; pools are
+// refilled in the background).
+func settled(t *testing.T, what string, want int, count func() int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		n := count()
+		if n == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d %s, want %d", n, what, want)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -5,7 +5,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 func spareRegions(t *testing.T, pool string) int {
@@ -22,13 +21,7 @@ func spareRegions(t *testing.T, pool string) int {
 
 func waitSpares(t *testing.T, pool string, want int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for spareRegions(t, pool) != want {
-		if time.Now().After(deadline) {
-			t.Fatalf("pool has %d spares, want %d", spareRegions(t, pool), want)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	settled(t, "spare regions in the pool", want, func() int { return spareRegions(t, pool) })
 }
 
 // An active server refills the spare-region pool after mounting; the next

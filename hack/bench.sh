@@ -3,7 +3,8 @@
 # runs every benchmark of issues 2-6 next to its baseline; the report goes
 # to bench/results/. Flags go to the program, e.g.
 #   make bench BENCH_FLAGS="--images 8 --reps 5"
-# (--images, --image-mb, --reps, --big-mb, --small-files, --large-mb, --writes, --store-mb, --usr-files;
+# (--images, --image-mb, --reps, --big-mb, --small-files, --large-mb, --writes, --store-mb, --usr-files,
+#  --only store,cow,proxy,nodes for a partial run;
 #  ./bin/benchreport --help lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."

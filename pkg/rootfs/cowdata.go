@@ -19,7 +19,6 @@ import (
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
 
-	"github.com/dupsnap/dupsnap/pkg/cas"
 	"github.com/dupsnap/dupsnap/pkg/cow"
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
@@ -423,8 +422,6 @@ func (r *rootFS) syncLoop(ctx context.Context, every time.Duration) {
 		}
 	}
 }
-
-var _ = cas.Options{}
 
 // freshMax bounds r.fresh: a container that creates many files and never
 // fsyncs them would otherwise grow it by one entry per file for its life.

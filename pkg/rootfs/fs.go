@@ -68,6 +68,7 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 		readOnly: cfg.ReadOnly,
 		copyup:   map[uint64]uint64{},
 		links:    map[*layout.Node][]string{},
+		gens:     inoGens{gen: map[uint64]uint64{}, live: map[uint64]int32{}},
 		statfs:   cfg.CASRoot,
 		ptMin:    cfg.ptMin(),
 	}

@@ -39,9 +39,6 @@ func (g *inoGens) current(ino uint64) uint64 {
 func (g *inoGens) fresh(ino uint64) uint64 {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.gen == nil {
-		g.gen, g.live = map[uint64]uint64{}, map[uint64]int32{}
-	}
 	if g.live[ino] > 0 {
 		g.gen[ino]++
 	} else {
@@ -58,9 +55,6 @@ func (g *inoGens) made(ch *fs.Inode, nn *node) {
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.live == nil {
-		g.gen, g.live = map[uint64]uint64{}, map[uint64]int32{}
-	}
 	g.live[ino]++
 }
 

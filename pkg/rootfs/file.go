@@ -75,11 +75,9 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			defer n.r.mu.Unlock()
 			return nil, 0, n.newIdentity(&es.st)
 		}
-		if n.r.region != nil && es.st.Mode&syscall.S_IFMT == syscall.S_IFREG {
-			if _, ok := readCowRef(n.r.upperPath(p)); ok {
-				return n.openCow(n.r.upperPath(p), flags)
-			}
-		}
+		// Anything else (a plain upper file, or a region file that a
+		// rename put at p after the check above) is opened below, under
+		// the write lock.
 	}
 	n.r.mu.Lock()
 	defer n.r.mu.Unlock()

@@ -23,8 +23,10 @@ import (
 // trip; and a passthrough open costs a CAS open plus a backing-file
 // registration, and its release the reverse. For a small file that costs
 // more than the read itself. A cached file's inode is S_NOATIME, and with
-// FOPEN_KEEP_CACHE a warm open reads nothing through the server: the open
-// here does no I/O at all, the CAS object is opened at the first READ.
+// FOPEN_KEEP_CACHE a warm open reads nothing through the server: the
+// node's first open stores the whole content into the page cache
+// (storeCache), later opens do no I/O, and the CAS object is opened only
+// if a READ still comes (pages dropped by the kernel).
 // The price is that these pages are cached per mount, not shared with
 // other containers through the CAS object, which is why large files stay
 // passthrough.

@@ -50,12 +50,25 @@ func TestBackingKeptAcrossOpens(t *testing.T) {
 	}
 	cfg := activeCfg(e, []digest.Digest{e.addLayer(t, makeTar(t, ents))})
 	serve(t, cfg)
+	// The LRU order is the order in which RELEASEs reach the server, which
+	// the kernel sends asynchronously: wait for each file's release (as
+	// many handled as opened, from the published op stats) before the next
+	// read, so that the order is the test's.
+	held := 0 // handles the test keeps open
+	inUse := func() int {
+		st, err := ReadStats(cfg.Mountpoint)
+		if err != nil {
+			return -1
+		}
+		return int(st.Ops["open"].Count) - int(st.Ops["release"].Count)
+	}
 	read := func(i int) {
 		t.Helper()
 		b, err := os.ReadFile(filepath.Join(cfg.Mountpoint, fmt.Sprint("f", i)))
 		if err != nil || !bytes.Equal(b, []byte(bodies[i])) {
 			t.Fatalf("f%d: %d bytes, %v", i, len(b), err)
 		}
+		settled(t, "handles still open after the close", held, inUse)
 	}
 	for k := 0; k < 3; k++ {
 		read(0)
@@ -77,6 +90,7 @@ func TestBackingKeptAcrossOpens(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
+	held = 1
 	for i := 1; i < 4; i++ {
 		read(i)
 	}

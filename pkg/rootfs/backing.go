@@ -77,6 +77,9 @@ func (n *node) releaseBacking() {
 	var evict []*node
 	b.mu.Lock()
 	b.users--
+	if b.id != 0 {
+		r.refresh.add(n) // passthrough reads dropped the file's atime in the kernel
+	}
 	if b.users == 0 && b.f != nil {
 		r.idleMu.Lock()
 		b.idle = r.idle.PushFront(n)

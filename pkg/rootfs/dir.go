@@ -52,6 +52,7 @@ func (n *node) OpendirHandle(ctx context.Context, flags uint32) (fs.FileHandle, 
 	if !es.isDir() {
 		return nil, 0, syscall.ENOTDIR
 	}
+	n.r.refresh.add(n) // this READDIR drops the directory's atime in the kernel
 	h := &dirHandle{r: n.r}
 	h.dots[0] = fuse.DirEntry{Name: ".", Mode: syscall.S_IFDIR, Ino: n.StableAttr().Ino}
 	h.dots[1] = fuse.DirEntry{Name: "..", Mode: syscall.S_IFDIR, Ino: 1}

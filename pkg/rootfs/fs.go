@@ -57,6 +57,8 @@ type rootFS struct {
 	// ptMin: clean image files at least this large are passthrough
 	// (Config.PassthroughMinSize).
 	ptMin int64
+	// refresh re-reads attributes the kernel dropped (refresh.go).
+	refresh *attrRefresher
 }
 
 func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
@@ -71,6 +73,7 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 		gens:     inoGens{gen: map[uint64]uint64{}, live: map[uint64]int32{}},
 		statfs:   cfg.CASRoot,
 		ptMin:    cfg.ptMin(),
+		refresh:  newAttrRefresher(cfg.Mountpoint, cfg.ReadOnly),
 	}
 	if cfg.StateDir != "" {
 		r.statfs = cfg.StateDir

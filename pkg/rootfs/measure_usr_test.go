@@ -30,7 +30,9 @@ import (
 // DUPSNAP_MEASURE_INPROC=1 serves in the test process (for -cpuprofile),
 // DUPSNAP_MEASURE_OPENS=1 also times open(+read)+close per file, and
 // DUPSNAP_MEASURE_WRAP="cmd args" runs inctr as "cmd args <root name>
-// inctr ..." (e.g. a tracer).
+// inctr ..." (e.g. a tracer). DUPSNAP_MEASURE_AB="KEY=VALUE" also runs a
+// second server with that variable in its environment in every rep (an
+// A/B in the same run; e.g. DUPSNAP_ROOTFS_NO_ATTR_REFRESH=1).
 func TestMeasureUsr(t *testing.T) {
 	needRoot(t)
 	inctr := os.Getenv("DUPSNAP_ROOTFS_MEASURE_USR")
@@ -107,13 +109,39 @@ func TestMeasureUsr(t *testing.T) {
 		}
 		return m
 	}
-	res := map[string][2][]float64{}
+	res := map[string][3][]float64{}
+	ab := os.Getenv("DUPSNAP_MEASURE_AB")
 	addRes := func(i int, m map[string]float64) {
 		for _, k := range []string{"stat_s", "seq_files_mbps", "seq_big_mbps", "rand_big_mbps"} {
 			v := res[k]
 			v[i] = append(v[i], m[k])
 			res[k] = v
 		}
+	}
+	// runB serves a copy of cfg with k=v in the server's environment.
+	runB := func(dir string, cfg Config, k, v string, last bool) map[string]float64 {
+		cfgB := cfg
+		cfgB.Mountpoint = filepath.Join(dir, "dupsnapB", "rootfs")
+		cfgB.StateDir = filepath.Join(dir, "dupsnapB", "state")
+		os.MkdirAll(cfgB.Mountpoint, 0o755)
+		os.Setenv(k, v)
+		startServer(t, bin, cfgB, filepath.Join(dir, "serverB.log"))
+		os.Unsetenv(k)
+		m := run(cfgB.Mountpoint)
+		if last {
+			var ds []string
+			for i := 0; i < 3; i++ {
+				t0 := time.Now()
+				lstatWalk(t, filepath.Join(cfgB.Mountpoint, "usr"))
+				ds = append(ds, time.Since(t0).Round(100*time.Microsecond).String())
+			}
+			t.Logf("walks again B: %v", ds)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		Stop(ctx, cfgB.Mountpoint)
+		cancel()
+		forceUnmount(cfgB.Mountpoint)
+		return m
 	}
 	for rep := 0; rep < reps; rep++ {
 		dir := filepath.Join(e.dir, fmt.Sprint("rep", rep))
@@ -139,6 +167,10 @@ func TestMeasureUsr(t *testing.T) {
 		}
 		t.Cleanup(func() { syscall.Unmount(ovl, syscall.MNT_DETACH) })
 		var d, o map[string]float64
+		k, v, isAB := strings.Cut(ab, "=")
+		if isAB && rep%2 == 1 {
+			addRes(2, runB(dir, cfg, k, v, rep == reps-1))
+		}
 		if rep%2 == 0 {
 			o, d = run(ovl), run(cfg.Mountpoint)
 		} else {
@@ -146,6 +178,10 @@ func TestMeasureUsr(t *testing.T) {
 		}
 		addRes(0, d)
 		addRes(1, o)
+		if isAB && rep%2 == 0 {
+			addRes(2, runB(dir, cfg, k, v, rep == reps-1))
+		}
+
 		if rep == reps-1 {
 			// Later walks: no first-listing GETATTRs left.
 			for _, root := range []string{cfg.Mountpoint, ovl} {
@@ -191,7 +227,15 @@ func TestMeasureUsr(t *testing.T) {
 		if k == "stat_s" {
 			ratio = om / dm
 		}
-		t.Logf("%-15s dupsnap %9.4f  overlayfs %9.4f  ratio %.3f  (dupsnap %v overlayfs %v)", k, dm, om, ratio, fmtReps(v[0]), fmtReps(v[1]))
+		t.Logf("%-15s dupsnap %9.4f  overlayfs %9.4f  ratio %.3f  (dupsnap %v overlayfs %v)", k, dm, om, ratio, fmtReps4(v[0]), fmtReps4(v[1]))
+		if len(v[2]) > 0 {
+			bm := median(v[2])
+			ratio = bm / om
+			if k == "stat_s" {
+				ratio = om / bm
+			}
+			t.Logf("%-15s B(%s) %9.4f  ratio %.3f  %v", k, ab, bm, ratio, fmtReps4(v[2]))
+		}
 	}
 }
 
@@ -232,4 +276,12 @@ func measureOpens(t *testing.T, roots ...string) {
 		orc := time.Since(t0) / time.Duration(len(files))
 		t.Logf("per file %s: open+close %v, open+read+close %v", filepath.Base(filepath.Dir(root)), oc, orc)
 	}
+}
+
+func fmtReps4(v []float64) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = strconv.FormatFloat(x, 'g', 4, 64)
+	}
+	return "[" + strings.Join(s, " ") + "]"
 }

@@ -37,6 +37,8 @@ type node struct {
 	dirSnap atomic.Pointer[[]fuse.DirEntry]
 	// bk is the passthrough backing of a clean image file (backing.go).
 	bk backing
+	// refreshWant: the refresher waits for a GETATTR (refresh.go).
+	refreshWant atomic.Bool
 }
 
 var (
@@ -159,6 +161,9 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 }
 
 func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	if n.refreshWant.Load() {
+		n.refreshWant.Store(false)
+	}
 	if fh, ok := f.(*fileHandle); ok && fh.up {
 		return fh.Getattr(ctx, out)
 	}

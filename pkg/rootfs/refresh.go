@@ -1,0 +1,165 @@
+package rootfs
+
+import (
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// On a writable mount the kernel forgets a FUSE inode's atime after every
+// uncached READDIR of a directory (fuse_readdir_uncached) and every
+// passthrough read of a file (fuse_file_accessed): fuse_invalidate_atime
+// sets STATX_ATIME in the inode's inval_mask unless the whole superblock is
+// read-only, and fuse_update_get_attr then turns the next lstat of that
+// inode into a synchronous GETATTR (atime is never in fuse_get_cache_mask).
+// So the second walk of a tree waited for one GETATTR round trip per
+// directory (and per passthrough file read since), although nothing had
+// changed; only the third walk was served by the kernel alone.
+//
+// The refresher takes that round trip off the reader's path: shortly after
+// a directory was listed by the server (or a passthrough file was closed),
+// it lstat's the inode through the mount itself, so the kernel asks for the
+// attributes then, while the reader is busy elsewhere, and the reader's own
+// later lstat finds them valid. If no GETATTR came (the kernel had not yet
+// dropped the atime when the lstat ran), it tries again a little later.
+//
+// Safe from the server's own process: an lstat is a syscall (the runtime
+// lets other threads serve the request meanwhile), never a page fault, and
+// it holds no file descriptor that could keep the mount busy.
+
+const (
+	refreshDelay = 10 * time.Millisecond // after the last READDIR of a node
+	refreshTries = 3                     // the delay grows 5x per try
+	refreshMax   = 1 << 16               // queued nodes at most (more are dropped)
+)
+
+// noRefresh turns the refresher off (A/B measurements).
+var noRefresh = os.Getenv("DUPSNAP_ROOTFS_NO_ATTR_REFRESH") != ""
+
+type refreshItem struct {
+	at    time.Time
+	tries int
+}
+
+type attrRefresher struct {
+	mount   string // the mountpoint ("" : off)
+	mu      sync.Mutex
+	due     map[*node]refreshItem
+	running bool
+	wake    chan struct{}
+	done    atomic.Uint64 // refreshes that brought a GETATTR (tests)
+}
+
+func newAttrRefresher(mountpoint string, readOnly bool) *attrRefresher {
+	a := &attrRefresher{due: map[*node]refreshItem{}, wake: make(chan struct{}, 1)}
+	if !readOnly && !noRefresh { // a read-only superblock keeps atimes valid
+		a.mount = mountpoint
+	}
+	return a
+}
+
+// add schedules a refresh of n's attributes after refreshDelay (moved
+// later if n is added again before).
+func (a *attrRefresher) add(n *node) {
+	if a == nil || a.mount == "" {
+		return
+	}
+	a.mu.Lock()
+	it, ok := a.due[n]
+	if !ok && len(a.due) >= refreshMax {
+		a.mu.Unlock()
+		return
+	}
+	it.at = time.Now().Add(refreshDelay)
+	a.due[n] = it
+	start := !a.running
+	a.running = true
+	a.mu.Unlock()
+	if start {
+		go a.loop()
+	} else {
+		select {
+		case a.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// loop refreshes due nodes until none is queued.
+func (a *attrRefresher) loop() {
+	var ready []*node
+	var tries []int
+	for {
+		a.mu.Lock()
+		if len(a.due) == 0 {
+			a.running = false
+			a.mu.Unlock()
+			return
+		}
+		now := time.Now()
+		var next time.Time
+		ready, tries = ready[:0], tries[:0]
+		for n, it := range a.due {
+			if !it.at.After(now) {
+				ready = append(ready, n)
+				tries = append(tries, it.tries)
+				delete(a.due, n)
+			} else if next.IsZero() || it.at.Before(next) {
+				next = it.at
+			}
+		}
+		a.mu.Unlock()
+		for i, n := range ready {
+			if a.refresh(n) {
+				a.done.Add(1)
+				continue
+			}
+			if tries[i]+1 < refreshTries {
+				a.retry(n, tries[i]+1)
+			}
+		}
+		if len(ready) == 0 {
+			t := time.NewTimer(time.Until(next))
+			select {
+			case <-t.C:
+			case <-a.wake:
+			}
+			t.Stop()
+		}
+	}
+}
+
+func (a *attrRefresher) retry(n *node, tries int) {
+	d := refreshDelay
+	for i := 0; i < tries; i++ {
+		d *= 5
+	}
+	a.mu.Lock()
+	if _, ok := a.due[n]; !ok { // else added again meanwhile: that wins
+		a.due[n] = refreshItem{at: time.Now().Add(d), tries: tries}
+	}
+	a.mu.Unlock()
+}
+
+// refresh lstat's n through the mount; it reports whether that brought
+// the kernel to ask for n's attributes.
+func (a *attrRefresher) refresh(n *node) bool {
+	p, ok := n.path()
+	if !ok {
+		return true // no name: nothing to refresh
+	}
+	full := a.mount
+	if p != "" {
+		full += "/" + p
+	}
+	n.refreshWant.Store(true)
+	var st unix.Stat_t
+	if err := unix.Fstatat(unix.AT_FDCWD, full, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		n.refreshWant.Store(false)
+		return true // gone or unmounted: give up
+	}
+	return !n.refreshWant.Swap(false)
+}

@@ -1,0 +1,141 @@
+package rootfs
+
+import (
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// walkImage is an env with one layer: d0..d5, each with sub0..sub3, each
+// with 8 small files and one passthrough-sized file: 31 directories.
+func walkImage(t *testing.T) (*env, []digest.Digest, int) {
+	t.Helper()
+	e := newEnv(t)
+	ents := []tarEntry{{name: "usr/", typ: '5'}}
+	dirs := 1
+	for i := 0; i < 6; i++ {
+		ents = append(ents, tarEntry{name: fmt.Sprintf("usr/d%d/", i), typ: '5'})
+		dirs++
+		for j := 0; j < 4; j++ {
+			d := fmt.Sprintf("usr/d%d/sub%d/", i, j)
+			ents = append(ents, tarEntry{name: d, typ: '5'})
+			dirs++
+			for k := 0; k < 8; k++ {
+				ents = append(ents, tarEntry{name: fmt.Sprintf("%sf%d", d, k), body: strings.Repeat(fmt.Sprint(i, j, k), 300)})
+			}
+			ents = append(ents, tarEntry{name: d + "big", body: strings.Repeat(fmt.Sprint(i, j), 300<<10)})
+		}
+	}
+	return e, []digest.Digest{e.addLayer(t, makeTar(t, ents))}, dirs
+}
+
+// statOps is the server's op counts, read from its stats file.
+func statOps(t *testing.T, mp string) map[string]uint64 {
+	t.Helper()
+	time.Sleep(4 * statsInterval)
+	st, err := ReadStats(mp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]uint64{}
+	for op, s := range st.Ops {
+		m[op] = s.Count
+	}
+	return m
+}
+
+func opsDelta(a, b map[string]uint64) map[string]uint64 {
+	d := map[string]uint64{}
+	for op, n := range b {
+		if n != a[op] {
+			d[op] = n - a[op]
+		}
+	}
+	return d
+}
+
+func fmtOps(d map[string]uint64) string {
+	var s []string
+	for op, n := range d {
+		s = append(s, fmt.Sprintf("%s=%d", op, n))
+	}
+	sort.Strings(s)
+	return strings.Join(s, " ")
+}
+
+// lstatWalk is the benchmark's walk: WalkDir with an lstat of every entry.
+func lstatWalk(t *testing.T, root string) (files []string) {
+	t.Helper()
+	err := filepath.WalkDir(root, func(p string, de fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if _, err := os.Lstat(p); err != nil {
+			return err
+		}
+		if de.Type().IsRegular() {
+			files = append(files, p)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
+}
+
+// A warm walk of an image tree (lstat of every entry, as benchreport's
+// stat benchmark, after a first walk and a read of every file) sends the
+// server nothing: listings come from the kernel's readdir cache and
+// attributes from its attribute cache.
+func TestWarmWalkOps(t *testing.T) {
+	needRoot(t)
+	old := statsInterval
+	statsInterval = 20 * time.Millisecond
+	t.Cleanup(func() { statsInterval = old })
+	e, layers, dirs := walkImage(t)
+	for _, ro := range []bool{false, true} {
+		t.Run(fmt.Sprint("readonly=", ro), func(t *testing.T) {
+			cfg := activeCfg(e, layers)
+			if ro {
+				cfg = Config{Mountpoint: filepath.Join(e.dir, "view", "rootfs"), CASRoot: e.cas.Root(),
+					ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: layers, ReadOnly: true}
+			}
+			serve(t, cfg)
+			root := filepath.Join(cfg.Mountpoint, "usr")
+			prev := statOps(t, cfg.Mountpoint)
+			phase := func(name string, fn func()) map[string]uint64 {
+				fn()
+				cur := statOps(t, cfg.Mountpoint)
+				d := opsDelta(prev, cur)
+				prev = cur
+				t.Logf("%-8s %s", name, fmtOps(d))
+				return d
+			}
+			var files []string
+			phase("walk1", func() { files = lstatWalk(t, root) })
+			phase("read", func() {
+				for _, p := range files {
+					if _, err := os.ReadFile(p); err != nil {
+						t.Fatal(err)
+					}
+				}
+			})
+			w2 := phase("walk2", func() { lstatWalk(t, root) })
+			w3 := phase("walk3", func() { lstatWalk(t, root) })
+			t.Logf("%d dirs, %d files", dirs, len(files))
+			for _, w := range []map[string]uint64{w2, w3} {
+				if len(w) != 0 {
+					t.Errorf("warm walk sent the server %s", fmtOps(w))
+				}
+			}
+		})
+	}
+}

@@ -87,6 +87,9 @@ func newCowID() uint64 {
 type cowData struct{ r *rootFS }
 
 func (c cowData) CopyUpData(ctx context.Context, dst *os.File, e *layout.Entry) error {
+	if c.r.reflinkUp(ctx, dst, e) {
+		return nil // a plain upper file sharing the object's extents (reflink.go)
+	}
 	_, err := c.r.markCow(dst, e)
 	return err
 }

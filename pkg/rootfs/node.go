@@ -59,7 +59,8 @@ func fsErrno(err error) syscall.Errno { return fs.ToErrno(err) }
 // "" for such a node, which is the root: the cause of "is a directory"
 // when a reader opened a file a concurrent rename had just replaced.
 func (n *node) path() (string, bool) {
-	var segs []string
+	var buf [16]string // on the stack: no allocation but the result's
+	segs := buf[:0]
 	p := n.EmbeddedInode()
 	for !p.IsRoot() {
 		name, parent := p.Parent()
@@ -170,9 +171,7 @@ func (n *node) Getattr(ctx context.Context, f fs.FileHandle, out *fuse.AttrOut) 
 	if ch, ok := f.(*cowHandle); ok {
 		return ch.Getattr(ctx, out)
 	}
-	if _, ok := n.path(); !ok {
-		return n.orphanAttr(out)
-	}
+	// state is ESTALE for a node without a name too (one path walk).
 	n.r.mu.RLock()
 	defer n.r.mu.RUnlock()
 	es, p, errno := n.state()

@@ -6,7 +6,9 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -137,5 +139,41 @@ func TestWarmWalkOps(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestMeasureOpens times open+close of every small image file, many times
+// over, on an in-process server (for go test -cpuprofile). Skipped unless
+// DUPSNAP_MEASURE_OPENCOST is set (the number of passes).
+func TestMeasureOpens(t *testing.T) {
+	needRoot(t)
+	passes, _ := strconv.Atoi(os.Getenv("DUPSNAP_MEASURE_OPENCOST"))
+	if passes <= 0 {
+		t.Skip("set DUPSNAP_MEASURE_OPENCOST=passes")
+	}
+	e, layers, _ := walkImage(t)
+	cfg := activeCfg(e, layers)
+	serve(t, cfg)
+	files := lstatWalk(t, filepath.Join(cfg.Mountpoint, "usr"))
+	var small []string
+	for _, p := range files {
+		if filepath.Base(p) != "big" {
+			small = append(small, p)
+		}
+	}
+	t0 := time.Now()
+	for i := 0; i < passes; i++ {
+		for _, p := range small {
+			fd, err := syscall.Open(p, syscall.O_RDONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			syscall.Close(fd)
+		}
+	}
+	t.Logf("open+close: %v per file", time.Since(t0)/time.Duration(passes*len(small)))
+	st, _ := ReadStats(cfg.Mountpoint)
+	for op, s := range st.Ops {
+		t.Logf("server op %-8s count %6d  mean %6.1f us", op, s.Count, s.Seconds/float64(s.Count)*1e6)
 	}
 }

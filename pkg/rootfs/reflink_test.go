@@ -17,9 +17,10 @@ import (
 	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
-// xfsEnv is an env on a fresh loop-mounted xfs with reflink (skips when
+// xfsEnv is an env on a fresh loop-mounted xfs of size bytes (a sparse
+// image) with reflink (skips when
 // mkfs.xfs is missing: Debian package xfsprogs).
-func xfsEnv(t *testing.T) *env {
+func xfsEnv(t *testing.T, size int64) *env {
 	t.Helper()
 	needRoot(t)
 	mkfs, err := exec.LookPath("mkfs.xfs")
@@ -34,7 +35,7 @@ func xfsEnv(t *testing.T) *env {
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Truncate(img, 512<<20); err != nil {
+	if err := os.Truncate(img, size); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -78,7 +79,7 @@ func withReflink(t *testing.T) {
 // upper file: the merged bytes are right, almost no space is used, and the
 // object itself is untouched.
 func TestReflinkCopyUp(t *testing.T) {
-	e := xfsEnv(t)
+	e := xfsEnv(t, 512<<20)
 	withReflink(t)
 	const size = 32 << 20
 	body := strings.Repeat("0123456789abcdef", size/16)

@@ -58,6 +58,7 @@ type tempObj struct {
 	hex     string // set once the content is hashed
 	fd      int    // writer-owned
 	anon    bool   // O_TMPFILE: no name; fd stays open until linked
+	direct  bool   // fd has O_DIRECT (see direct.go)
 	enc     *zstd.Encoder
 	logical int64
 	gone    bool // renamed into place or unlinked: nothing to clean up
@@ -164,18 +165,25 @@ func (b *Batch) do(j job, zbuf []byte) ([]byte, error) {
 			if err := b.create(t, s.opts.Compress); err != nil {
 				return zbuf, err
 			}
+			if b.wantDirect() {
+				if err := setDirect(t.fd, true); err == nil {
+					t.direct = true
+				} else {
+					s.noDirect.Store(true)
+				}
+			}
 		}
 		t.logical += int64(len(j.data))
-		var err error
 		if t.enc != nil {
-			_, err = t.enc.Write(j.data)
-		} else {
-			_, err = fdWriter(t.fd).Write(j.data)
+			if _, err := t.enc.Write(j.data); err != nil {
+				return zbuf, fmt.Errorf("cas: write temp: %w", err)
+			}
+		} else if err := b.writeChunk(t, j.data); err != nil {
+			return zbuf, err
 		}
-		if err != nil {
-			return zbuf, fmt.Errorf("cas: write temp: %w", err)
+		if !t.direct {
+			b.kick(t.fd, false)
 		}
-		b.kick(t.fd, false)
 	case jobKeep:
 		if t.enc != nil {
 			err := t.enc.Close()

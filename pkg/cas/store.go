@@ -53,10 +53,14 @@ type Store struct {
 	noReplaceUnsupported atomic.Bool
 	// O_TMPFILE temps (see temp.go): unsupported flag, open count, cap.
 	noTmpfile atomic.Bool
+	// noDirect flips when O_DIRECT is refused (tmpfs, odd alignment).
+	noDirect atomic.Bool
 	anonOpen  atomic.Int64
 	maxAnon   int64
 	// tempsCreated counts temp files ever created (tests: "writes nothing").
 	tempsCreated atomic.Int64
+	// directWrites counts O_DIRECT writes (tests).
+	directWrites atomic.Int64
 }
 
 // Open opens (creating if needed) the store at root. Temp files left by a

@@ -7,6 +7,7 @@ import (
 	"hash"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // errTooLarge marks a stream or record over its configured bound.
@@ -21,6 +22,9 @@ type chunk struct {
 	buf []byte
 	n   int
 	err error
+	// lent: buf is a slice of the source's own buffer (see lender); the
+	// consumer hands it back by decrementing hashReader.lent.
+	lent bool
 }
 
 // hashReader reads the uncompressed layer ahead in a goroutine that also
@@ -33,6 +37,8 @@ type hashReader struct {
 	free chan []byte
 	full chan chunk
 	done chan struct{}
+	lent atomic.Int64 // lent chunks not yet consumed
+	back chan struct{} // wakes a lender waiting for lent chunks (cap 1)
 	once sync.Once
 	wg   sync.WaitGroup
 
@@ -48,6 +54,7 @@ func newHashReader(src io.Reader, limit int64) *hashReader {
 		free: make(chan []byte, chunkBuffers),
 		full: make(chan chunk, chunkBuffers),
 		done: make(chan struct{}),
+		back: make(chan struct{}, 1),
 	}
 	for i := 0; i < chunkBuffers; i++ {
 		hr.free <- make([]byte, chunkSize)
@@ -59,6 +66,12 @@ func newHashReader(src io.Reader, limit int64) *hashReader {
 
 func (hr *hashReader) produce(src io.Reader, limit int64) {
 	defer hr.wg.Done()
+	if wt, ok := src.(io.WriterTo); ok {
+		l := &lender{hr: hr, limit: limit}
+		_, err := wt.WriteTo(l)
+		l.finish(err)
+		return
+	}
 	var total int64
 	for {
 		var buf []byte
@@ -115,7 +128,14 @@ func (hr *hashReader) Read(p []byte) (int, error) {
 		if hr.err != nil {
 			return 0, hr.err
 		}
-		if hr.cur.buf != nil {
+		if hr.cur.lent {
+			if hr.lent.Add(-1) == 0 {
+				select {
+				case hr.back <- struct{}{}:
+				default:
+				}
+			}
+		} else if hr.cur.buf != nil {
 			hr.free <- hr.cur.buf
 		}
 		hr.cur = <-hr.full
@@ -184,4 +204,140 @@ func (rc *recorder) take() []byte {
 	b := rc.pending
 	rc.pending = make([]byte, 0, 1024)
 	return b
+}
+
+// lender is the producer's side when the source can write its own buffers
+// (bytes.Reader, bufio.Reader over one, the gzip and zstd decoders): big
+// writes are hashed and handed to the consumer as slices of the source's
+// buffer, without the copy into a chunk; Write returns only once the
+// consumer is done with them (io.Writer must not retain p). Small writes
+// are copied into chunks as before.
+type lender struct {
+	hr    *hashReader
+	limit int64
+	total int64
+	cur   []byte // owned chunk being filled
+	off   int
+	err   error
+}
+
+// lendMin is the smallest write handed over without a copy: below it the
+// handoff costs more than the copy.
+const lendMin = 64 << 10
+
+var errClosed = errors.New("layer reader closed")
+
+func (l *lender) Write(p []byte) (int, error) {
+	if l.err != nil {
+		return 0, l.err
+	}
+	n, err := l.write(p)
+	// p is the source's: whatever happened, wait until the consumer is done
+	// with every slice of it that was lent.
+	for l.hr.lent.Load() > 0 {
+		select {
+		case <-l.hr.back:
+		case <-l.hr.done:
+			l.err = errClosed
+			return 0, l.err
+		}
+	}
+	return n, err
+}
+
+func (l *lender) write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 {
+		if len(p) >= lendMin {
+			if l.off > 0 && !l.flush() {
+				return 0, l.err
+			}
+			k := min(len(p), chunkSize)
+			if !l.send(chunk{buf: p[:k], n: k, lent: true}) {
+				return 0, l.err
+			}
+			p = p[k:]
+			continue
+		}
+		if l.cur == nil {
+			select {
+			case l.cur = <-l.hr.free:
+				l.off = 0
+			case <-l.hr.done:
+				l.err = errClosed
+				return 0, l.err
+			}
+		}
+		k := copy(l.cur[l.off:], p)
+		l.off += k
+		p = p[k:]
+		if l.off == len(l.cur) && !l.flush() {
+			return 0, l.err
+		}
+	}
+	return n, nil
+}
+
+// send hashes c's bytes and queues it for the consumer.
+func (l *lender) send(c chunk) bool {
+	l.hr.h.Write(c.buf[:c.n])
+	l.total += int64(c.n)
+	if l.total > l.limit {
+		l.err = fmt.Errorf("%w: uncompressed layer exceeds %d bytes", errTooLarge, l.limit)
+		return false
+	}
+	if c.lent {
+		l.hr.lent.Add(1)
+	}
+	select {
+	case l.hr.full <- c:
+		return true
+	case <-l.hr.done:
+		if c.lent {
+			l.hr.lent.Add(-1)
+		}
+		l.err = errClosed
+		return false
+	}
+}
+
+func (l *lender) flush() bool {
+	c := chunk{buf: l.cur, n: l.off}
+	l.cur, l.off = nil, 0
+	return l.send(c)
+}
+
+// finish queues what is left and the end of the stream: io.EOF, or the
+// source's error, or the limit's.
+func (l *lender) finish(err error) {
+	if l.err == errClosed {
+		return
+	}
+	if l.err != nil {
+		err = l.err
+	}
+	if err == nil {
+		err = io.EOF
+	}
+	buf, n := l.cur, 0
+	if l.err == nil && l.off > 0 {
+		n = l.off
+		l.hr.h.Write(buf[:n])
+		l.total += int64(n)
+		if l.total > l.limit && err == io.EOF {
+			err = fmt.Errorf("%w: uncompressed layer exceeds %d bytes", errTooLarge, l.limit)
+		}
+	}
+	l.hr.total = l.total
+	if buf == nil {
+		select {
+		case buf = <-l.hr.free:
+		case <-l.hr.done:
+			return
+		}
+	}
+	select {
+	case l.hr.full <- chunk{buf: buf, n: n, err: err}:
+	case <-l.hr.done:
+	}
 }

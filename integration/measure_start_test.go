@@ -49,7 +49,8 @@ func TestMeasureStart(t *testing.T) {
 	}
 	maddr := l.Addr().String()
 	l.Close()
-	d := harness.StartDupsnap(ctx, t, dir, "", "--metrics-address", maddr)
+	// DUPSNAP_MEASURE_CONFIG: the daemon's config (e.g. "[rootfs]\ndebug = true").
+	d := harness.StartDupsnap(ctx, t, dir, strings.ReplaceAll(os.Getenv("DUPSNAP_MEASURE_CONFIG"), `\n`, "\n"), "--metrics-address", maddr)
 	opAvg := func(op string) (sum, count float64) {
 		url := "http://" + maddr + "/metrics"
 		sum, _ = harness.ScrapeMetric(ctx, url, `dupsnap_snapshot_operation_seconds_sum{op="`+op+`"}`)
@@ -62,6 +63,20 @@ func TestMeasureStart(t *testing.T) {
 		if t.Failed() {
 			t.Log(d.Tail())
 			t.Log(harness.LogTail(c.LogFile, 30))
+		}
+		// DUPSNAP_MEASURE_KEEP=DIR: the daemons' logs for a timeline.
+		if keep := os.Getenv("DUPSNAP_MEASURE_KEEP"); keep != "" {
+			os.MkdirAll(keep, 0o755)
+			logs, _ := filepath.Glob(filepath.Join(d.Root, "snapshots", "*", "rootfs.log"))
+			for _, f := range append([]string{d.LogFile, c.LogFile}, logs...) {
+				name := filepath.Base(f)
+				if name == "rootfs.log" {
+					name = "rootfs-" + filepath.Base(filepath.Dir(f)) + ".log"
+				}
+				if b, err := os.ReadFile(f); err == nil {
+					os.WriteFile(filepath.Join(keep, name), b, 0o644)
+				}
+			}
 		}
 	})
 	img := startImage(t, nfiles)

@@ -6,19 +6,29 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/internal/phases"
+	"github.com/dupsnap/dupsnap/pkg/rootfs"
 )
 
-// Remove deletes a snapshot's metadata, stops its rootfs server and removes
-// its dir. Its layer manifest and objects stay until Cleanup, since other
-// snapshots may share them.
+// Remove deletes a snapshot's metadata, unmounts its rootfs and kills the
+// server; waiting for the server's exit and deleting the snapshot's dir go
+// on in the background (see removeLater). Its layer manifest and objects
+// stay until Cleanup, since other snapshots may share them.
+//
+// containerd's garbage collector calls Remove holding the lock that its
+// Prepare of the next container waits for: every millisecond here was one
+// of that container's start.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	defer observe("remove", time.Now())
 	ctx = logKey(ctx, key)
+	ph := phases.Start(time.Now())
 	var id string
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		var err error
@@ -30,17 +40,66 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	}); err != nil {
 		return err
 	}
+	ph.Mark("metastore")
 	p := s.paths(id)
+	var waits []func(context.Context)
 	for _, mp := range []string{p.mnt(), p.lower()} {
-		if err := s.stopRootfs(ctx, mp); err != nil {
+		wait, err := s.stopRootfsBegin(ctx, mp)
+		if err != nil {
 			log.G(ctx).WithError(err).Warn("stopping rootfs")
 		}
+		waits = append(waits, wait)
 	}
-	// A dir that cannot go now (busy mount) is an orphan for Cleanup.
-	if err := removeDir(p.dir()); err != nil {
-		log.G(ctx).WithError(err).Warn("removing snapshot dir; left for cleanup")
-	}
+	ph.Mark("unmount")
+	s.removeLater(ctx, p, waits)
+	log.G(ctx).WithField("id", id).WithField("phases", ph.String()).Debug("snapshot removed")
 	return nil
+}
+
+// removing holds the dirs of removed snapshots still being deleted in the
+// background: Cleanup leaves them to that.
+var removing struct {
+	sync.Mutex
+	dirs map[string]bool
+}
+
+func isRemoving(dir string) bool {
+	removing.Lock()
+	defer removing.Unlock()
+	return removing.dirs[dir]
+}
+
+// removeLater finishes a Remove at background priority: waits for the
+// snapshot's servers to exit, then deletes its dir. Crash-safe: the
+// snapshot is gone from the metastore already, so what a crash leaves is
+// an orphaned dir, which Cleanup stops and deletes like any other. Close
+// waits for it (s.bg).
+func (s *Snapshotter) removeLater(ctx context.Context, p snapPaths, waits []func(context.Context)) {
+	ctx = context.WithoutCancel(ctx)
+	removing.Lock()
+	if removing.dirs == nil {
+		removing.dirs = map[string]bool{}
+	}
+	removing.dirs[p.dir()] = true
+	removing.Unlock()
+	s.bg.Add(1)
+	rootfs.InBackground(func() {
+		defer s.bg.Done()
+		defer func() {
+			removing.Lock()
+			delete(removing.dirs, p.dir())
+			removing.Unlock()
+		}()
+		t0 := time.Now()
+		for _, w := range waits {
+			w(ctx)
+		}
+		// A dir that cannot go now (busy mount) is an orphan for Cleanup.
+		if err := removeDir(p.dir()); err != nil {
+			log.G(ctx).WithError(err).Warn("removing snapshot dir; left for cleanup")
+		}
+		log.G(ctx).WithField("took", time.Since(t0).Round(10*time.Microsecond)).Debug("snapshot dir removed")
+	})
 }
 
 // Cleanup frees what no snapshot references: orphaned snapshot dirs,
@@ -71,6 +130,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		id := de.Name()
 		p := s.paths(id)
 		if _, ok := ids[id]; !ok {
+			if isRemoving(p.dir()) {
+				continue // Remove's background half deletes it
+			}
 			for _, mp := range []string{p.mnt(), p.lower()} {
 				_ = s.stopRootfs(ctx, mp)
 			}

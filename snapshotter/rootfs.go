@@ -97,20 +97,36 @@ func (s *Snapshotter) startRootfs(ctx context.Context, cfg rootfs.Config, logFil
 // (Remove, Commit, Cleanup) deletes the snapshot's state right after, so
 // the server is discarded, not left to sync it.
 func (s *Snapshotter) stopRootfs(ctx context.Context, mountpoint string) error {
+	wait, err := s.stopRootfsBegin(ctx, mountpoint)
+	wait(ctx)
+	return err
+}
+
+// stopRootfsBegin unmounts (or detaches) mountpoint and kills its server;
+// wait finishes the stop (the server's exit, stale mounts). A caller may
+// delete the snapshot's files only after wait.
+func (s *Snapshotter) stopRootfsBegin(ctx context.Context, mountpoint string) (wait func(context.Context), _ error) {
+	nop := func(context.Context) {}
 	if _, err := os.Lstat(mountpoint); errors.Is(err, os.ErrNotExist) {
-		return nil
+		return nop, nil
 	}
 	mps, _ := mountsUnder(mountpoint)
 	if len(mps) == 0 && !rootfs.Alive(mountpoint) {
-		return nil
+		return nop, nil
 	}
 	t0 := time.Now()
-	if err := rootfs.Discard(ctx, mountpoint); err != nil {
+	rwait, err := rootfs.DiscardBegin(ctx, mountpoint)
+	if err != nil {
 		log.G(ctx).WithError(err).WithField("mountpoint", mountpoint).Warn("rootfs stop failed, detaching")
+		rwait = nop
 	}
-	detachStale(ctx, mountpoint)
-	log.G(ctx).WithField("mountpoint", mountpoint).WithField("took", time.Since(t0).Round(10*time.Microsecond)).Debug("rootfs server stopped")
-	return nil
+	began := time.Since(t0)
+	return func(ctx context.Context) {
+		rwait(ctx)
+		detachStale(ctx, mountpoint)
+		log.G(ctx).WithField("mountpoint", mountpoint).WithField("unmounted", began.Round(10*time.Microsecond)).
+			WithField("took", time.Since(t0).Round(10*time.Microsecond)).Debug("rootfs server stopped")
+	}, nil
 }
 
 func detachStale(ctx context.Context, mountpoint string) {

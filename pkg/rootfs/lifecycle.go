@@ -194,7 +194,9 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 		return fail(err)
 	}
 	if useSpare {
-		go refillSpare(binary, cfg)
+		// Niced (prio.go): the spare's exec and preload must not compete
+		// with the container that is starting on this rootfs.
+		InBackground(func() { refillSpare(binary, cfg) })
 	}
 	return pid, nil
 }
@@ -237,13 +239,33 @@ func Stop(ctx context.Context, mountpoint string) error { return stop(ctx, mount
 func Discard(ctx context.Context, mountpoint string) error { return stop(ctx, mountpoint, true) }
 
 func stop(ctx context.Context, mountpoint string, discard bool) error {
+	wait, err := stopBegin(ctx, mountpoint, discard)
+	if err != nil {
+		return err
+	}
+	wait(ctx)
+	return nil
+}
+
+// DiscardBegin is the first half of Discard: the mount is gone (or
+// detached, if busy) and the server killed when it returns; wait is the
+// rest (the server's exit, or aborting a stuck one, and its pidfile),
+// which a caller with nothing left to do on that mount runs in the
+// background. Until wait returned, the server may still hold its state.
+func DiscardBegin(ctx context.Context, mountpoint string) (wait func(context.Context), err error) {
+	return stopBegin(ctx, mountpoint, true)
+}
+
+func stopBegin(ctx context.Context, mountpoint string, discard bool) (func(context.Context), error) {
 	pid := readPid(mountpoint)
 	if pid != 0 && !ourProcess(pid) {
 		pid = 0
 	}
 	conn := openConn(mountpoint)
-	if conn != nil {
-		defer conn.Close()
+	closeConn := func() {
+		if conn != nil {
+			conn.Close()
+		}
 	}
 	detached := false
 	for i := 0; i < 3 && Mounted(mountpoint); i++ {
@@ -255,18 +277,21 @@ func stop(ctx context.Context, mountpoint string, discard bool) error {
 			detached = true
 		}
 		if err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-			return fmt.Errorf("rootfs: unmount %s: %w", mountpoint, err)
+			closeConn()
+			return nil, fmt.Errorf("rootfs: unmount %s: %w", mountpoint, err)
 		}
 	}
 	if discard && !detached && pid != 0 && ourProcess(pid) {
 		syscall.Kill(pid, syscall.SIGKILL)
 	}
-	if pid != 0 && !waitExit(ctx, pid, stopTimeout) {
-		log.G(ctx).WithField("pid", pid).WithField("mountpoint", mountpoint).Warn("rootfs: server did not exit, aborting its connection")
-		abortConn(conn)
-		syscall.Kill(pid, syscall.SIGKILL)
-		waitExit(context.Background(), pid, 2*time.Second)
-	}
-	os.Remove(pidPath(mountpoint))
-	return nil
+	return func(ctx context.Context) {
+		defer closeConn()
+		if pid != 0 && !waitExit(ctx, pid, stopTimeout) {
+			log.G(ctx).WithField("pid", pid).WithField("mountpoint", mountpoint).Warn("rootfs: server did not exit, aborting its connection")
+			abortConn(conn)
+			syscall.Kill(pid, syscall.SIGKILL)
+			waitExit(context.Background(), pid, 2*time.Second)
+		}
+		os.Remove(pidPath(mountpoint))
+	}, nil
 }

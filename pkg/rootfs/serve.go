@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	stdlog "log"
 	"os"
 	"runtime/debug"
 	"sync"
@@ -141,6 +142,11 @@ func mountOptions(cfg Config) *fs.Options {
 		NegativeTimeout: &t,
 		RootStableAttr:  &fs.StableAttr{Ino: 1},
 	}
+	if cfg.Debug {
+		// Microseconds: the debug log is how a container start's requests
+		// are timed.
+		o.Logger = stdlog.New(os.Stderr, "", stdlog.Ldate|stdlog.Lmicroseconds)
+	}
 	if cfg.ReadOnly {
 		o.DirectMountFlags = syscall.MS_RDONLY
 		o.Options = append(o.Options, "ro")
@@ -152,8 +158,10 @@ func mountOptions(cfg Config) *fs.Options {
 const loadMemoryLimit = 128 << 20
 
 type regionResult struct {
-	reg *cow.Region
-	err error
+	reg   *cow.Region
+	err   error
+	spare bool          // taken from the pool
+	took  time.Duration // in its goroutine, beside the tree's load
 }
 
 // statsInterval is how often the server publishes its operation counts.
@@ -194,12 +202,13 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	if cfg.StateDir != "" && !cfg.ReadOnly {
 		regCh = make(chan regionResult, 1)
 		go func() {
+			t0 := time.Now()
 			spare := takeSpareRegion(cfg)
 			reg, err := openRegion(ctx, cfg, cfg.upperDir())
 			if err != nil && spare {
 				err = fmt.Errorf("%w (a spare region from the pool)", err)
 			}
-			regCh <- regionResult{reg, err}
+			regCh <- regionResult{reg, err, spare, time.Since(t0)}
 		}()
 	}
 	closeRegion := func() {
@@ -222,10 +231,13 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	}
 	defer store.Close()
 	r := newRootFS(tree, store, cfg)
+	ph.Mark("newfs")
 	if err := prepareState(ctx, r); err != nil {
 		closeRegion()
 		return err
 	}
+	ph.Mark("upper")
+	regionNote := ""
 	if regCh != nil {
 		res := <-regCh
 		if res.err != nil {
@@ -233,6 +245,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		}
 		reg := res.reg
 		r.region = reg
+		regionNote = fmt.Sprintf("spare=%v took=%v", res.spare, res.took.Round(10*time.Microsecond))
 		defer func() {
 			r.closePlaceholders()
 			if err := reg.Close(); err != nil {
@@ -272,16 +285,18 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	ready.signal()
 	restoreGC()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
-		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("phases", ph.String()).Info("rootfs: serving")
+		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("phases", ph.String()).WithField("region", regionNote).Info("rootfs: serving")
 	// Everything below is off the container's start path. Serve waits
 	// for its helpers before it returns (they write next to the state).
 	var bg sync.WaitGroup
 	bctx, bcancel := context.WithCancel(ctx)
 	defer func() { bcancel(); bg.Wait() }()
+	// Niced threads (prio.go): the container is starting right now.
 	if regCh != nil {
-		bg.Go(func() { refillRegionPool(bctx, cfg) })
+		bg.Go(func() { lowerThread(); refillRegionPool(bctx, cfg) })
 	}
 	bg.Go(func() {
+		lowerThread()
 		if cached {
 			touchTreeCache(cfg.ManifestRoot, cfg.Layers)
 		} else if err := storeTreeCache(cfg.ManifestRoot, cfg.Layers, tree); err != nil {

@@ -141,6 +141,7 @@ func refillSpare(binary string, last Config) {
 // server of that config.
 func (p *serverProc) assignTo(cfgPath, logFile string) error {
 	defer func() { p.assign.Close(); p.assign = nil }()
+	restorePriorityOf(strconv.Itoa(p.cmd.Process.Pid))
 	_, err := p.assign.Write([]byte(cfgPath + "\n" + logFile + "\n"))
 	return err
 }
@@ -166,6 +167,8 @@ func AwaitAssignment() (cfgPath string, ok bool, err error) {
 	if len(b) == 0 {
 		return "", false, nil
 	}
+	// Started niced (in the background); from here on a container waits.
+	restorePriority()
 	if len(lines) != 2 || !filepath.IsAbs(string(lines[0])) || !filepath.IsAbs(string(lines[1])) {
 		return "", false, errors.New("rootfs: bad assignment")
 	}

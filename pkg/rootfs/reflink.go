@@ -24,7 +24,8 @@ import (
 // Needs the CAS and the upper dir on one filesystem with reflink (xfs,
 // btrfs); anywhere else (ext4) the first attempt fails and every later
 // copy-up takes the region path. Like Config.PlainNewFiles, such files'
-// writes bypass the region: no MaxSize quota, not counted by Usage.
+// writes bypass the region and are not counted by Usage; so a snapshot
+// with a MaxSize cap never clones (the cap must hold).
 //
 // The switch is the environment of the rootfs server
 // (DUPSNAP_REFLINK_COPYUP=1) until Config carries it: see
@@ -51,6 +52,9 @@ func enableReflinkCopyUp(on bool) { reflink.on.Store(on) }
 // caller makes it a region file.
 func (r *rootFS) reflinkUp(ctx context.Context, dst *os.File, e *layout.Entry) bool {
 	if e.Size == 0 || !reflink.on.Load() || reflink.off.Load() || r.cas == nil {
+		return false
+	}
+	if r.region != nil && r.region.Stats().MaxSize > 0 {
 		return false
 	}
 	src, err := r.cas.OpenFile(e.Digest)

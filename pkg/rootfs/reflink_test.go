@@ -176,3 +176,25 @@ func TestReflinkFallback(t *testing.T) {
 		t.Fatalf("merged read wrong: %q (err %v)", got[:8], err)
 	}
 }
+
+// A snapshot with a quota keeps the region path even where reflink works:
+// a clone's writes would not count against the cap.
+func TestReflinkNotWithQuota(t *testing.T) {
+	e := xfsEnv(t, 512<<20)
+	withReflink(t)
+	l := e.addLayer(t, makeTar(t, []tarEntry{{name: "big", body: strings.Repeat("x", 1<<20)}}))
+	cfg := activeCfg(e, []digest.Digest{l})
+	cfg.MaxSize = 64 << 20
+	serve(t, cfg)
+	f, err := os.OpenFile(filepath.Join(cfg.Mountpoint, "big"), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("y"), 10); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, ok := readCowRef(filepath.Join(cfg.StateDir, "upper", "big")); !ok {
+		t.Fatal("a capped snapshot cloned an image file: its writes would bypass the cap")
+	}
+}

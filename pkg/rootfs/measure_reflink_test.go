@@ -35,7 +35,7 @@ func TestMeasureReflink(t *testing.T) {
 
 	mount := func(name string, rl bool) string {
 		enableReflinkCopyUp(rl)
-		reflink.off.Store(false)
+		reflinkSwitch.off.Store(false)
 		cfg := activeCfg(e, layers)
 		cfg.Mountpoint = filepath.Join(e.dir, name, "rootfs")
 		cfg.StateDir = filepath.Join(e.dir, name, "state")

@@ -68,10 +68,10 @@ func xfsEnv(t *testing.T, size int64) *env {
 // withReflink turns reflink copy-up on for the test (in-process servers).
 func withReflink(t *testing.T) {
 	enableReflinkCopyUp(true)
-	reflink.off.Store(false)
+	reflinkSwitch.off.Store(false)
 	t.Cleanup(func() {
 		enableReflinkCopyUp(os.Getenv(reflinkEnv) == "1")
-		reflink.off.Store(false)
+		reflinkSwitch.off.Store(false)
 	})
 }
 
@@ -168,7 +168,7 @@ func TestReflinkFallback(t *testing.T) {
 	if _, ok := readCowRef(filepath.Join(cfg.StateDir, "upper", "big")); !ok {
 		t.Fatal("no region file after a failed reflink")
 	}
-	if !reflink.off.Load() {
+	if !reflinkSwitch.off.Load() {
 		t.Fatal("reflink not switched off after the filesystem refused it")
 	}
 	got, err := os.ReadFile(p)

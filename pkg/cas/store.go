@@ -55,8 +55,8 @@ type Store struct {
 	noTmpfile atomic.Bool
 	// noDirect flips when O_DIRECT is refused (tmpfs, odd alignment).
 	noDirect atomic.Bool
-	anonOpen  atomic.Int64
-	maxAnon   int64
+	anonOpen atomic.Int64
+	maxAnon  int64
 	// tempsCreated counts temp files ever created (tests: "writes nothing").
 	tempsCreated atomic.Int64
 	// directWrites counts O_DIRECT writes (tests).

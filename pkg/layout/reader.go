@@ -37,7 +37,7 @@ type hashReader struct {
 	free chan []byte
 	full chan chunk
 	done chan struct{}
-	lent atomic.Int64 // lent chunks not yet consumed
+	lent atomic.Int64  // lent chunks not yet consumed
 	back chan struct{} // wakes a lender waiting for lent chunks (cap 1)
 	once sync.Once
 	wg   sync.WaitGroup

@@ -53,10 +53,10 @@ type Store struct {
 	noReplaceUnsupported atomic.Bool
 	// O_TMPFILE temps (see temp.go): unsupported flag, open count, cap.
 	noTmpfile atomic.Bool
-	// noDirect flips when O_DIRECT is refused (tmpfs, odd alignment).
+	anonOpen  atomic.Int64
+	maxAnon   int64
+	// noDirect flips when O_DIRECT is refused (see direct.go).
 	noDirect atomic.Bool
-	anonOpen atomic.Int64
-	maxAnon  int64
 	// tempsCreated counts temp files ever created (tests: "writes nothing").
 	tempsCreated atomic.Int64
 	// directWrites counts O_DIRECT writes (tests).

@@ -38,19 +38,36 @@ func walkImage(t *testing.T) (*env, []digest.Digest, int) {
 	return e, []digest.Digest{e.addLayer(t, makeTar(t, ents))}, dirs
 }
 
-// statOps is the server's op counts, read from its stats file.
+// statOps is the server's op counts, read from its stats file once they
+// settled: two publications after now with the same counts (RELEASE and
+// the refresher's GETATTRs come asynchronously).
 func statOps(t *testing.T, mp string) map[string]uint64 {
 	t.Helper()
-	time.Sleep(4 * statsInterval)
-	st, err := ReadStats(mp)
-	if err != nil {
-		t.Fatal(err)
+	now := time.Now()
+	deadline := now.Add(10 * time.Second)
+	var last map[string]uint64
+	var lastAt time.Time
+	for {
+		time.Sleep(statsInterval)
+		st, err := ReadStats(mp)
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("op counts never settled: %v %v", st.Ops, err)
+		}
+		if err != nil || !st.Updated.After(now) || st.Updated.Equal(lastAt) {
+			continue
+		}
+		m := map[string]uint64{}
+		for op, s := range st.Ops {
+			m[op] = s.Count
+		}
+		if last != nil && fmtOps(m) == fmtOps(last) && st.Updated.Sub(now) > 2*refreshDelay*25 {
+			return m
+		}
+		last, lastAt = m, st.Updated
 	}
-	m := map[string]uint64{}
-	for op, s := range st.Ops {
-		m[op] = s.Count
-	}
-	return m
 }
 
 func opsDelta(a, b map[string]uint64) map[string]uint64 {
@@ -96,7 +113,8 @@ func lstatWalk(t *testing.T, root string) (files []string) {
 // A warm walk of an image tree (lstat of every entry, as benchreport's
 // stat benchmark, after a first walk and a read of every file) sends the
 // server nothing: listings come from the kernel's readdir cache and
-// attributes from its attribute cache.
+// attributes from its attribute cache (refreshed off the walk's path after
+// the first listing dropped the directories' atime, see refresh.go).
 func TestWarmWalkOps(t *testing.T) {
 	needRoot(t)
 	old := statsInterval
@@ -134,6 +152,13 @@ func TestWarmWalkOps(t *testing.T) {
 			w3 := phase("walk3", func() { lstatWalk(t, root) })
 			t.Logf("%d dirs, %d files", dirs, len(files))
 			for _, w := range []map[string]uint64{w2, w3} {
+				// The kernel may reclaim a cached listing's pages under
+				// memory pressure (fuse_readdir_cached then lists anew):
+				// a few READDIRs are no error here, round trips per
+				// directory or per file are.
+				if w["readdir"] <= 4 {
+					delete(w, "readdir")
+				}
 				if len(w) != 0 {
 					t.Errorf("warm walk sent the server %s", fmtOps(w))
 				}

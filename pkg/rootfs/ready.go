@@ -154,20 +154,22 @@ func waitExit(ctx context.Context, pid int, d time.Duration) bool {
 }
 
 // newPhases starts timing a server's start (logged with "serving"); the
-// first phase ("exec") is the time since Start spawned this process, if it
-// did.
+// first phase is the time since Start spawned this process ("exec") or
+// handed it to a spare ("handoff"), if it did.
 func newPhases() *phases.Timer {
 	start := time.Now()
-	exec := false
-	if v := os.Getenv(spawnedEnv); v != "" {
+	first := ""
+	if !assignedAt.IsZero() {
+		start, first = assignedAt, "handoff"
+	} else if v := os.Getenv(spawnedEnv); v != "" {
 		os.Unsetenv(spawnedEnv)
 		if ns, err := strconv.ParseInt(v, 10, 64); err == nil {
-			start, exec = time.Unix(0, ns), true
+			start, first = time.Unix(0, ns), "exec"
 		}
 	}
 	ph := phases.Start(start)
-	if exec {
-		ph.Mark("exec")
+	if first != "" {
+		ph.Mark(first)
 	}
 	return ph
 }

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
@@ -142,9 +143,14 @@ func refillSpare(binary string, last Config) {
 func (p *serverProc) assignTo(cfgPath, logFile string) error {
 	defer func() { p.assign.Close(); p.assign = nil }()
 	restorePriorityOf(strconv.Itoa(p.cmd.Process.Pid))
-	_, err := p.assign.Write([]byte(cfgPath + "\n" + logFile + "\n"))
+	// The third line, when Start handed it over, times the handoff.
+	_, err := p.assign.Write([]byte(cfgPath + "\n" + logFile + "\n" + strconv.FormatInt(time.Now().UnixNano(), 10) + "\n"))
 	return err
 }
+
+// assignedAt is when Start handed this spare its assignment (zero: not a
+// spare, or an assignment without the time).
+var assignedAt time.Time
 
 // AwaitAssignment is what a spare server (`rootfs --spare`) runs first: it
 // blocks until Start hands it a config, sends its output to that rootfs's
@@ -169,8 +175,13 @@ func AwaitAssignment() (cfgPath string, ok bool, err error) {
 	}
 	// Started niced (in the background); from here on a container waits.
 	restorePriority()
-	if len(lines) != 2 || !filepath.IsAbs(string(lines[0])) || !filepath.IsAbs(string(lines[1])) {
+	if len(lines) < 2 || len(lines) > 3 || !filepath.IsAbs(string(lines[0])) || !filepath.IsAbs(string(lines[1])) {
 		return "", false, errors.New("rootfs: bad assignment")
+	}
+	if len(lines) == 3 {
+		if ns, err := strconv.ParseInt(string(lines[2]), 10, 64); err == nil {
+			assignedAt = time.Unix(0, ns)
+		}
 	}
 	logf, err := os.OpenFile(string(lines[1]), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {

@@ -1,0 +1,57 @@
+package rootfs
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// detachPinned takes a mount out at once, pinned unless in use.
+func TestDetachPinned(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (mounts)")
+	}
+	mp := t.TempDir()
+	mount := func() {
+		t.Helper()
+		if err := unix.Mount("tmpfs", mp, "tmpfs", 0, "size=1m"); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Unmount(mp, unix.MNT_DETACH) })
+	}
+	mounted := func() bool { _, ok := findMount(mp); return ok }
+
+	mount()
+	if err := os.WriteFile(filepath.Join(mp, "f"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	pin, busy, err := detachPinned(mp)
+	if err != nil || busy || pin < 0 {
+		t.Fatalf("idle mount: pin %d busy %v err %v", pin, busy, err)
+	}
+	if mounted() {
+		t.Fatal("still in mountinfo after detachPinned")
+	}
+	// The pin still reaches the detached fs until closed.
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(pin, &st); err != nil || st.Type != unix.TMPFS_MAGIC {
+		t.Fatalf("pin does not hold the tmpfs: type %x err %v", st.Type, err)
+	}
+	unix.Close(pin)
+
+	mount()
+	f, err := os.Create(filepath.Join(mp, "open"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	pin, busy, err = detachPinned(mp)
+	if err != nil || !busy || pin != -1 {
+		t.Fatalf("busy mount: pin %d busy %v err %v", pin, busy, err)
+	}
+	if mounted() {
+		t.Fatal("busy mount not detached")
+	}
+}

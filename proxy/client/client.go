@@ -292,7 +292,11 @@ func (c *Client) post(ctx context.Context, repo string, layers, ask []digest.Dig
 		if !asked[d] || size < 0 || length < 0 {
 			return got, fmt.Errorf("%w: unexpected frame for %s", ErrCorrupt, d)
 		}
-		payload := io.LimitReader(br, length)
+		// The zstd decoder takes input ending at a frame boundary for a
+		// clean end, so a cut stream would look like empty (corrupt)
+		// content: tell a cut from corruption by the stream's own error.
+		body := &cutReader{r: br}
+		payload := io.LimitReader(body, length)
 		var r io.Reader = payload
 		switch hdr[0] {
 		case proxy.FrameRaw:
@@ -314,12 +318,18 @@ func (c *Client) post(ctx context.Context, repo string, layers, ask []digest.Dig
 		}
 		n, err := b.PutExpected(ctx, d, r)
 		if err != nil {
+			if body.err != nil {
+				return got, fmt.Errorf("objects stream cut in object %s: %w", d, body.err)
+			}
 			if errors.Is(err, cas.ErrDigestMismatch) {
 				return got, fmt.Errorf("%w: object %s: %w", ErrCorrupt, d, err)
 			}
 			return got, fmt.Errorf("object %s: %w", d, err)
 		}
 		if n != size {
+			if body.err != nil {
+				return got, fmt.Errorf("objects stream cut in object %s: %w", d, body.err)
+			}
 			return got, fmt.Errorf("%w: object %s has %d bytes, frame said %d", ErrCorrupt, d, n, size)
 		}
 		// Skip what the decoder did not consume (none for a well-formed frame).
@@ -331,4 +341,22 @@ func (c *Client) post(ctx context.Context, repo string, layers, ask []digest.Dig
 		st.Objects++
 		st.Bytes += n
 	}
+}
+
+// cutReader remembers the error (EOF included: the frame said more bytes
+// follow) that ended a frame's payload early.
+type cutReader struct {
+	r   io.Reader
+	err error
+}
+
+func (c *cutReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if err != nil && c.err == nil {
+		c.err = err
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+	}
+	return n, err
 }

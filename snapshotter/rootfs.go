@@ -57,6 +57,7 @@ func (s *Snapshotter) rootfsConfig(id string, parentIDs []string, readOnly bool)
 	if !readOnly {
 		cfg.StateDir = p.state()
 		cfg.Reserve, cfg.BlockSize, cfg.MaxSize = s.cfg.RegionReserve, s.cfg.RegionBlockSize, s.cfg.DefaultMaxSize
+		cfg.ReflinkCopyUp = s.cfg.ReflinkCopyUp
 		// The region settings and quota chosen at Prepare (maxSizeLabel)
 		// live on in the config that rootfs.Start wrote then (restart,
 		// Usage), whatever the daemon's config says now.

@@ -61,6 +61,8 @@ type Config struct {
 	// PassthroughMinSize is rootfs.Config.PassthroughMinSize of every
 	// rootfs (nil: the pkg/rootfs default).
 	PassthroughMinSize *int64
+	// ReflinkCopyUp is rootfs.Config.ReflinkCopyUp of every active rootfs.
+	ReflinkCopyUp bool
 	// Fetcher, when set, is asked for a layer the node lacks before an
 	// unpack is handed to containerd (dedup offloading, snapshotter/offload).
 	Fetcher LayerFetcher

@@ -26,6 +26,7 @@ type serveConfig struct {
 		DefaultMaxSize  int64  `toml:"default_max_size"`
 		// PassthroughMinSize: nil (unset) means the pkg/rootfs default.
 		PassthroughMinSize *int64 `toml:"passthrough_min_size"`
+		ReflinkCopyUp      bool   `toml:"reflink_copy_up"`
 	} `toml:"rootfs"`
 	Unpack struct {
 		LowerView bool `toml:"lower_view"`

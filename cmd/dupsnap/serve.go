@@ -93,6 +93,7 @@ func runServe(ctx context.Context, args []string) error {
 		RegionBlockSize:    cfg.Rootfs.RegionBlockSize,
 		DefaultMaxSize:     cfg.Rootfs.DefaultMaxSize,
 		PassthroughMinSize: cfg.Rootfs.PassthroughMinSize,
+		ReflinkCopyUp:      cfg.Rootfs.ReflinkCopyUp,
 	}
 	if fetcher != nil {
 		defer fetcher.Close()

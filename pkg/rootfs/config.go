@@ -68,6 +68,12 @@ type Config struct {
 	// served as ordinary cached FUSE files (see openSmall). nil: the
 	// default, DefaultPassthroughMinSize; 0: every file passthrough.
 	PassthroughMinSize *int64 `json:"passthrough_min_size,omitempty"`
+
+	// ReflinkCopyUp: the first write to an image file clones its CAS
+	// object into a plain passthrough upper file where the filesystem can
+	// (xfs, btrfs; see reflink.go) instead of using the region. Ignored
+	// with a MaxSize cap; such files are not counted by Usage.
+	ReflinkCopyUp bool `json:"reflink_copy_up,omitempty"`
 }
 
 // ptMin is the effective PassthroughMinSize.

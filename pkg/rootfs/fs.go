@@ -84,6 +84,9 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 		r.open = map[uint64]*cowInode{}
 		r.fresh = map[uint64]struct{}{}
 		r.plainNew = cfg.PlainNewFiles
+		if cfg.ReflinkCopyUp {
+			enableReflinkCopyUp(true)
+		}
 	}
 	r.indexLinks(tree.Root, "")
 	return r

@@ -29,9 +29,8 @@ import (
 // writes bypass the region and are not counted by Usage; so a snapshot
 // with a MaxSize cap never clones (the cap must hold).
 //
-// The switch is the environment of the rootfs server
-// (DUPSNAP_REFLINK_COPYUP=1) until Config carries it: see
-// enableReflinkCopyUp.
+// The switch is Config.ReflinkCopyUp ([rootfs] reflink_copy_up), or the
+// environment of the rootfs server (DUPSNAP_REFLINK_COPYUP=1, for tests).
 const reflinkEnv = "DUPSNAP_REFLINK_COPYUP"
 
 type reflinker struct {
@@ -45,8 +44,8 @@ var reflinkSwitch = func() *reflinker {
 	return rl
 }()
 
-// enableReflinkCopyUp turns reflink copy-up on for this process (the
-// server's Config field, when it has one, would call it).
+// enableReflinkCopyUp turns reflink copy-up on for this process (one
+// server serves one rootfs).
 func enableReflinkCopyUp(on bool) { reflinkSwitch.on.Store(on) }
 
 // reflinkUp tries to give dst, a new empty upper file, the content of

@@ -81,10 +81,12 @@ func withReflink(t *testing.T) {
 func TestReflinkCopyUp(t *testing.T) {
 	e := xfsEnv(t, 512<<20)
 	withReflink(t)
+	enableReflinkCopyUp(false) // the Config field below must turn it on
 	const size = 32 << 20
 	body := strings.Repeat("0123456789abcdef", size/16)
 	l := e.addLayer(t, makeTar(t, []tarEntry{{name: "big", body: body}}))
 	cfg := activeCfg(e, []digest.Digest{l})
+	cfg.ReflinkCopyUp = true
 	serve(t, cfg)
 
 	var before syscall.Statfs_t

@@ -54,6 +54,7 @@ type Fetcher struct {
 	preSem chan struct{}
 
 	stagingOnce sync.Once
+	node        *cas.Store // the node CAS staging feeds (set with staging)
 	staging     *cas.Store
 	stagingErr  error
 }
@@ -243,6 +244,7 @@ func (f *Fetcher) stagingStore(node *cas.Store) (*cas.Store, error) {
 		if dir == "" {
 			dir = filepath.Join(filepath.Dir(node.Root()), "offload-staging")
 		}
+		f.node = node
 		// Left over from a previous run: nothing in it is referenced.
 		_ = os.RemoveAll(dir)
 		f.staging, f.stagingErr = cas.Open(dir, cas.Options{NoSync: true})
@@ -297,14 +299,23 @@ func (f *Fetcher) stage(ctx context.Context, c *client.Client, repo string, l *c
 		b := stg.NewBatch()
 		fs, err := c.FetchObjects(ctx, repo, []digest.Digest{l.Digest}, want, b)
 		st.wireBytes += fs.WireBytes
-		st.fetchedBytes += fs.Bytes
-		st.fetched += fs.Objects
 		st.requests += fs.Requests
-		if err != nil {
-			b.Abort()
-			return err
+		// Keep what arrived even when the fetch failed: each object was
+		// verified against its digest on the way in, and whoever needs it
+		// next (this layer's own Prepare after a prefetch, a layer waiting
+		// on this claim) then fetches only the rest. Counted as fetched
+		// only once committed to staging.
+		if cerr := b.Commit(context.WithoutCancel(ctx)); cerr != nil {
+			wastedObjects.Add(float64(fs.Objects))
+			wastedBytes.Add(float64(fs.Bytes))
+			if err == nil {
+				err = fmt.Errorf("offload: staging objects: %w", cerr)
+			}
+		} else {
+			st.fetchedBytes += fs.Bytes
+			st.fetched += fs.Objects
 		}
-		return b.Commit(ctx)
+		return err
 	}
 	err := fetchInto(mine)
 	f.finish(mine)
@@ -368,6 +379,14 @@ func (f *Fetcher) release(need []digest.Digest, stg *cas.Store) {
 	}
 	f.mu.Unlock()
 	for _, d := range drop {
+		// Fetched, and never reached the node CAS (its layer failed, or a
+		// prefetch nobody took): counted apart from what was used.
+		if f.node != nil && !f.node.Has(d) {
+			if in, err := stg.Stat(d); err == nil {
+				wastedObjects.Inc()
+				wastedBytes.Add(float64(in.Size))
+			}
+		}
 		if err := stg.Delete(d); err != nil && !errors.Is(err, cas.ErrNotFound) && !errors.Is(err, os.ErrNotExist) {
 			log.L.WithError(err).WithField("object", d).Debug("offload: dropping staged object")
 		}

@@ -23,7 +23,7 @@ var (
 	})
 	fetchedBytes = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "dupsnap", Subsystem: "offload", Name: "fetched_bytes_total",
-		Help: "Logical bytes of objects received from dupproxy.",
+		Help: "Logical bytes of objects_fetched_total.",
 	})
 	wireBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "dupsnap", Subsystem: "offload", Name: "wire_bytes_total",
@@ -31,7 +31,15 @@ var (
 	}, []string{"kind"})
 	objectsFetched = prometheus.NewCounter(prometheus.CounterOpts{
 		Namespace: "dupsnap", Subsystem: "offload", Name: "objects_fetched_total",
-		Help: "File objects received from dupproxy.",
+		Help: "File objects received from dupproxy, verified and staged for the node CAS (each fetched once; see wasted_objects_total).",
+	})
+	wastedObjects = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "dupsnap", Subsystem: "offload", Name: "wasted_objects_total",
+		Help: "File objects received from dupproxy that never reached the node CAS (their layer failed verification or was given up, a prefetch nobody took, staging failed).",
+	})
+	wastedBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "dupsnap", Subsystem: "offload", Name: "wasted_bytes_total",
+		Help: "Logical bytes of wasted_objects_total.",
 	})
 	layerSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: "dupsnap", Subsystem: "offload", Name: "layer_seconds",
@@ -42,7 +50,7 @@ var (
 
 // Collectors are the package's metrics; register them with the daemon's registry.
 func Collectors() []prometheus.Collector {
-	return []prometheus.Collector{layersTotal, neededBytes, fetchedBytes, wireBytes, objectsFetched, layerSeconds}
+	return []prometheus.Collector{layersTotal, neededBytes, fetchedBytes, wireBytes, objectsFetched, wastedObjects, wastedBytes, layerSeconds}
 }
 
 // stats are one layer's numbers.

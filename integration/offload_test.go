@@ -61,6 +61,9 @@ func newOffloadEnv(ctx context.Context, t *testing.T) *offloadEnv {
 				if b, err := os.ReadFile(e.d.LogFile); err == nil {
 					os.WriteFile(keep, b, 0o644)
 				}
+				if b, err := os.ReadFile(e.px.LogFile); err == nil {
+					os.WriteFile(keep+".dupproxy", b, 0o644)
+				}
 			}
 			t.Log(e.d.Tail())
 			t.Log(harness.LogTail(e.px.LogFile, 20))
@@ -244,6 +247,11 @@ func TestOffloadPull(t *testing.T) {
 	if int(objs) != nobj {
 		t.Errorf("received %v objects, node CAS holds %d", objs, nobj)
 	}
+	// Nothing received was thrown away (a cut or abandoned stream whose
+	// objects were fetched again would show here first).
+	if w := e.metric(ctx, t, "dupsnap_offload_wasted_objects_total"); w != 0 {
+		t.Errorf("%v objects received and not used", w)
+	}
 	e.verifyRun(ctx, t, ref1, "off1")
 	e.verifyRun(ctx, t, ref2, "off2")
 
@@ -291,12 +299,23 @@ func TestOffloadPull(t *testing.T) {
 			t.Fatal(err)
 		}
 		before := e.metric(ctx, t, `dupsnap_offload_layers_total{result="corrupt"}`) + e.metric(ctx, t, `dupsnap_offload_layers_total{result="unreachable_or_error"}`)
+		fetchedBefore := e.metric(ctx, t, "dupsnap_offload_objects_fetched_total")
+		wastedBefore := e.metric(ctx, t, "dupsnap_offload_wasted_objects_total")
 		e.mitm.SetMode(mode)
 		e.pull(ctx, t, ref)
 		e.mitm.SetMode(harness.TamperNone)
 		after := e.metric(ctx, t, `dupsnap_offload_layers_total{result="corrupt"}`) + e.metric(ctx, t, `dupsnap_offload_layers_total{result="unreachable_or_error"}`)
 		if after-before != 2 {
 			t.Errorf("tamper mode %d: %v layers refused, want 2", mode, after-before)
+		}
+		// Every object staged for a refused layer is dropped, none reaches
+		// the node through offloading; with a tampered manifest all 13 of the
+		// image's new objects arrive intact before the tar check refuses them.
+		df := e.metric(ctx, t, "dupsnap_offload_objects_fetched_total") - fetchedBefore
+		dw := e.metric(ctx, t, "dupsnap_offload_wasted_objects_total") - wastedBefore
+		t.Logf("tamper mode %d: %v objects fetched, %v wasted", mode, df, dw)
+		if dw != df || mode == harness.TamperManifest && df != 13 {
+			t.Errorf("tamper mode %d: %v objects fetched, %v wasted", mode, df, dw)
 		}
 		if has, _ := e.contentHas(ctx, t, img); has != 2 {
 			t.Errorf("tamper mode %d: fallback downloaded %d of 2 new layer blobs", mode, has)

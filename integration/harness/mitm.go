@@ -56,7 +56,18 @@ func StartMITM(t testing.TB, target string) *MITM {
 	rp.Transport = &http.Transport{DisableCompression: true}
 	rp.ErrorLog = nil
 	rp.ModifyResponse = m.modify
-	m.srv = &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
+	m.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// dupproxy starts an objects response as soon as it has parsed the
+		// request's JSON, which can be before this proxy's transport has
+		// read the forwarded body to EOF. Without full duplex, net/http's
+		// server then closes the request body as the first response bytes
+		// go out, the transport's body write fails and it closes the
+		// upstream connection: the stream was cut mid-response under load
+		// (TestOffloadPull's byte accounting flake). Full duplex lets the
+		// forwarded body finish.
+		_ = http.NewResponseController(w).EnableFullDuplex()
+		rp.ServeHTTP(w, r)
+	}), ReadHeaderTimeout: 10 * time.Second}
 	go m.srv.Serve(l)
 	t.Cleanup(func() { m.srv.Close() })
 	return m

@@ -144,10 +144,12 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 	if err := cfg.validate(); err != nil {
 		return 0, err
 	}
+	ph := phases.Start(time.Now())
 	cfgPath := ConfigPath(cfg.Mountpoint)
 	if err := writeConfig(cfgPath, cfg); err != nil {
 		return 0, err
 	}
+	ph.Mark("config")
 	binary = ServerBinary(binary)
 	// Only the small binary knows --spare.
 	useSpare = useSpare && filepath.Base(binary) == SmallBinary
@@ -172,6 +174,7 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 			return 0, err
 		}
 	}
+	ph.Mark("handoff")
 	defer p.ready.Close()
 	pid := p.cmd.Process.Pid
 	fail := func(err error) (int, error) {
@@ -186,6 +189,7 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 	if err := os.WriteFile(pidPath(cfg.Mountpoint), []byte(strconv.Itoa(pid)+"\n"), 0o600); err != nil {
 		return fail(err)
 	}
+	ph.Mark("pidfile")
 	if err := waitReady(ctx, p.ready, cfg.Mountpoint); err != nil {
 		if errors.Is(err, errServerExited) {
 			// It closes the pipe as Serve returns, before it logs why.
@@ -196,6 +200,8 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 		}
 		return fail(err)
 	}
+	ph.Mark("ready")
+	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("phases", ph.String()).Debug("rootfs: started")
 	if useSpare {
 		// Niced (prio.go): the spare's exec and preload must not compete
 		// with the container that is starting on this rootfs.

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
@@ -32,8 +33,12 @@ const (
 // after the container has started, not while it starts (2 cores).
 const freeOSMemoryDelay = 2 * time.Second
 
-// readyPipe is the server's end (nil: not started by Start).
-type readyPipe struct{ f *os.File }
+// readyPipe is the server's end (nil: not started by Start). signal may
+// come from the mount watch's goroutine (earlyready.go).
+type readyPipe struct {
+	mu sync.Mutex
+	f  *os.File
+}
 
 // takeReadyPipe adopts the inherited ready fd, once per process.
 func takeReadyPipe() *readyPipe {
@@ -56,15 +61,26 @@ func takeReadyPipe() *readyPipe {
 }
 
 func (p *readyPipe) signal() {
-	if p == nil || p.f == nil {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.f == nil {
 		return
 	}
 	p.f.Write([]byte{1})
-	p.Close()
+	p.f.Close()
+	p.f = nil
 }
 
 func (p *readyPipe) Close() {
-	if p == nil || p.f == nil {
+	if p == nil {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.f == nil {
 		return
 	}
 	p.f.Close()

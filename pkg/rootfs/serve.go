@@ -263,6 +263,14 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	root := &node{r: r, lower: tree.Root}
 	opts := mountOptions(cfg)
 	st := newOpStats()
+	// Start's caller may go on once the mount exists (earlyready.go).
+	stopWatch := func() {}
+	if ready != nil {
+		stopWatch = watchMount(cfg.Mountpoint, func() {
+			ph.Mark("mounted")
+			ready.signal()
+		})
+	}
 	server, err := mountCounted(cfg.Mountpoint, root, opts, st)
 	if err != nil && cfg.ReadOnly {
 		// "ro" is a flag for mount(2) but fusermount wants it as option;
@@ -270,6 +278,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		opts.Options = opts.Options[:len(opts.Options)-1]
 		server, err = mountCounted(cfg.Mountpoint, root, opts, st)
 	}
+	stopWatch()
 	if err != nil {
 		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
 	}

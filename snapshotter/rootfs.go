@@ -313,7 +313,11 @@ func (s *Snapshotter) warmTreeLater(ctx context.Context, id string, parentIDs []
 		treeWarm.mu.Unlock()
 		if err := rootfs.WarmTree(ctx, s.layers, layers); err != nil {
 			log.G(ctx).WithError(err).Debug("rootfs tree not prebuilt")
+			return
 		}
+		// The image just pulled is the likeliest to start next.
+		rootfs.PrepareSpare(s.cfg.RootfsBinary, rootfs.Config{
+			CASRoot: filepath.Join(s.root, "cas"), ManifestRoot: filepath.Join(s.root, "manifests"), Layers: layers})
 	})
 	treeWarm.pending[id] = func() {
 		delete(treeWarm.pending, id)

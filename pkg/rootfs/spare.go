@@ -40,6 +40,8 @@ type serverProc struct {
 	ready  *os.File // read end of the ready pipe
 	assign *os.File // write end of the assignment pipe (spares only)
 	exited chan struct{}
+	// preload: the chain a spare preloads (PreloadEnv).
+	preload []digest.Digest
 }
 
 var spares struct {
@@ -134,8 +136,40 @@ func refillSpare(binary string, last Config) {
 	defer spares.Unlock()
 	delete(spares.starting, binary)
 	if err == nil {
+		p.preload = slices.Clone(last.Layers)
 		spares.byBinary[binary] = p
 	}
+}
+
+// PrepareSpare makes the spare server of binary (dupsnap; see
+// ServerBinary) one that preloaded the chain of cfg (only CASRoot,
+// ManifestRoot and Layers matter), replacing a spare of another chain:
+// the daemon calls it once an image's tree is built after a pull, so
+// that the first container of the image just pulled, the likeliest to
+// start next, starts on a preloaded spare too (otherwise only the
+// containers after it do). Niced, in the background.
+func PrepareSpare(binary string, cfg Config) {
+	binary = ServerBinary(binary)
+	if filepath.Base(binary) != SmallBinary {
+		return
+	}
+	spares.Lock()
+	if spares.byBinary == nil {
+		spares.byBinary, spares.starting = map[string]*serverProc{}, map[string]bool{}
+	}
+	old := spares.byBinary[binary]
+	if old != nil && slices.Equal(old.preload, cfg.Layers) || spares.starting[binary] {
+		spares.Unlock()
+		return
+	}
+	delete(spares.byBinary, binary)
+	spares.Unlock()
+	if old != nil {
+		// EOF on its assignment pipe: the old spare exits.
+		old.assign.Close()
+		old.ready.Close()
+	}
+	InBackground(func() { refillSpare(binary, cfg) })
 }
 
 // assign hands a spare its config and log file; from here on it is the

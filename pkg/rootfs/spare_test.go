@@ -142,6 +142,35 @@ func TestStartSpare(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(cfgC.Mountpoint, "gone")); err == nil {
 		t.Error("c shows a file its top layer deletes")
 	}
+
+	// PrepareSpare (after a pull) replaces the spare d left (d's chain)
+	// by one that preloads the chain named: e, of that chain, is served
+	// from its preload.
+	waitSpare()
+	spares.Lock()
+	old := spares.byBinary[spareBin]
+	spares.Unlock()
+	PrepareSpare(bin, Config{CASRoot: e.cas.Root(), ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: layers})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		spares.Lock()
+		p := spares.byBinary[spareBin]
+		spares.Unlock()
+		if p != nil && p != old && len(p.preload) == len(layers) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("PrepareSpare left no spare of the chain")
+		}
+	}
+	select {
+	case <-old.exited:
+	case <-time.After(5 * time.Second):
+		t.Error("the replaced spare did not exit")
+	}
+	_, _, logE := start("e", layers)
+	if l := servingLine(t, logE); !strings.Contains(l, "preloaded=true") {
+		t.Errorf("chain named to PrepareSpare not served from the preload: %s", l)
+	}
 }
 
 // servingLine waits for the server's "serving" log line (logged right

@@ -28,7 +28,7 @@ import (
 //
 // Safe from the server's own process: an lstat is a syscall (the runtime
 // lets other threads serve the request meanwhile), never a page fault, and
-// it holds no file descriptor that could keep the mount busy.
+// the O_PATH descriptors it takes are closed at once (statBeneath).
 
 const (
 	refreshDelay = 10 * time.Millisecond // after the last READDIR of a node
@@ -151,15 +151,35 @@ func (a *attrRefresher) refresh(n *node) bool {
 	if !ok {
 		return true // no name: nothing to refresh
 	}
-	full := a.mount
-	if p != "" {
-		full += "/" + p
-	}
 	n.refreshWant.Store(true)
-	var st unix.Stat_t
-	if err := unix.Fstatat(unix.AT_FDCWD, full, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	if err := statBeneath(a.mount, p); err != nil {
 		n.refreshWant.Store(false)
-		return true // gone or unmounted: give up
+		return true // gone, renamed or unmounted: give up
 	}
 	return !n.refreshWant.Swap(false)
+}
+
+// statBeneath fstat's path p of the mount: resolved beneath its root
+// without following any symlink, so that a container that swapped a
+// directory for a symlink (to "/", say) cannot steer the server's lookup
+// onto host paths. The O_PATH descriptors live for a few microseconds.
+func statBeneath(mount, p string) error {
+	root, err := unix.Open(mount, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(root)
+	fd := root
+	if p != "" {
+		fd, err = unix.Openat2(root, p, &unix.OpenHow{
+			Flags:   unix.O_PATH | unix.O_NOFOLLOW | unix.O_CLOEXEC,
+			Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_XDEV | unix.RESOLVE_NO_MAGICLINKS,
+		})
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+	}
+	var st unix.Stat_t
+	return unix.Fstat(fd, &st)
 }

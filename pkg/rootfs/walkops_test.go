@@ -202,3 +202,28 @@ func TestMeasureOpens(t *testing.T) {
 		t.Logf("server op %-8s count %6d  mean %6.1f us", op, s.Count, s.Seconds/float64(s.Count)*1e6)
 	}
 }
+
+// statBeneath never follows a symlink, not even to a place beneath the
+// root: a container could otherwise point the refresher at host paths.
+func TestStatBeneathNoSymlinks(t *testing.T) {
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "d", "e"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("/", filepath.Join(root, "up")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("d", filepath.Join(root, "down")); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"", "d", "d/e", "up"} { // "up" itself: O_NOFOLLOW stats the link
+		if err := statBeneath(root, p); err != nil {
+			t.Errorf("statBeneath(%q): %v", p, err)
+		}
+	}
+	for _, p := range []string{"up/etc", "down/e", "../" + filepath.Base(root), "/etc"} {
+		if err := statBeneath(root, p); err == nil {
+			t.Errorf("statBeneath(%q) resolved; want an error", p)
+		}
+	}
+}

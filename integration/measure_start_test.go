@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/dupsnap/dupsnap/integration/harness"
@@ -118,6 +119,7 @@ func TestMeasureStart(t *testing.T) {
 			times[sn] = append(times[sn], time.Since(t0))
 		}
 	}
+	directPrepare(ctx, t, d, reps)
 	ps1, pc1 := opAvg("prepare")
 	rs1, rc1 := opAvg("remove")
 	cs1, cc1 := opAvg("cleanup")
@@ -178,6 +180,66 @@ func TestMeasureStart(t *testing.T) {
 	t.Logf("MEASURE container start+exit (ctr run --rm, %d files, %d reps): dupsnap %v %v vs overlayfs %v %v: %.2fx (goal <= 1.2x); dupsnap Prepare starting the rootfs server: median %v of %d; load %s",
 		nfiles, reps, md.Round(100*time.Microsecond), round(times["dupsnap"]), mo.Round(100*time.Microsecond), round(times["overlayfs"]),
 		float64(md)/float64(mo), median(srv).Round(100*time.Microsecond), len(srv), loadAvg())
+}
+
+// directPrepare times Prepare+Remove of a container snapshot on the
+// image's top layer straight through dupsnap's gRPC socket (what
+// containerd's proxy does, without containerd): the client's view of a
+// Prepare, beside the daemon's own (its log).
+func directPrepare(ctx context.Context, t *testing.T, d *harness.Dupsnap, reps int) {
+	sn, closeFn, err := d.Client()
+	if err != nil {
+		t.Logf("direct prepare: %v", err)
+		return
+	}
+	defer closeFn()
+	parents := map[string]bool{}
+	var committed []string
+	sn.Walk(ctx, func(_ context.Context, i snapshots.Info) error {
+		if i.Kind == snapshots.KindCommitted {
+			committed = append(committed, i.Name)
+			parents[i.Parent] = true
+		}
+		return nil
+	})
+	top := ""
+	for _, c := range committed {
+		if !parents[c] {
+			top = c
+		}
+	}
+	if top == "" {
+		return
+	}
+	var prep, mnt, rm []time.Duration
+	failed := 0
+	for i := 0; i < reps; i++ {
+		key := fmt.Sprintf("direct-%d", i)
+		t0 := time.Now()
+		// containerd's garbage collector removes snapshots it does not
+		// know, such as these, whenever it runs (even one still
+		// starting): errors are counted, not fatal.
+		if _, err := sn.Prepare(ctx, key, top); err != nil {
+			failed++
+			sn.Remove(ctx, key)
+			continue
+		}
+		prep = append(prep, time.Since(t0))
+		time.Sleep(50 * time.Millisecond) // the spare's refill
+		t0 = time.Now()
+		if _, err := sn.Mounts(ctx, key); err == nil {
+			mnt = append(mnt, time.Since(t0))
+		}
+		t0 = time.Now()
+		if err := sn.Remove(ctx, key); err != nil {
+			failed++
+			continue
+		}
+		rm = append(rm, time.Since(t0))
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("direct gRPC (no containerd; %d calls lost to its GC): Prepare median %v %v, Mounts median %v, Remove median %v %v",
+		failed, median(prep).Round(10*time.Microsecond), round(prep), median(mnt).Round(10*time.Microsecond), median(rm).Round(10*time.Microsecond), round(rm))
 }
 
 // startImage is shaped like the bench image: base, many small /usr files,

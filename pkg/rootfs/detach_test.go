@@ -55,3 +55,35 @@ func TestDetachPinned(t *testing.T) {
 		t.Fatal("busy mount not detached")
 	}
 }
+
+// lowerThread nices only the thread it locks; restorePriority gives the
+// process's threads nice 0 back.
+func TestBackgroundPriority(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (raising a nice value)")
+	}
+	got := make(chan int, 1)
+	RunInBackground(func() {
+		n, err := threadNice(unix.Gettid())
+		if err != nil {
+			t.Error(err)
+		}
+		got <- n
+	})
+	if n := <-got; n != backgroundNice {
+		t.Fatalf("background thread nice %d, want %d", n, backgroundNice)
+	}
+	if n, _ := threadNice(unix.Gettid()); n != 0 {
+		t.Fatalf("caller's thread niced too: %d", n)
+	}
+	// A niced thread of this process is raised again.
+	done := make(chan struct{})
+	tidc := make(chan int, 1)
+	InBackground(func() { tidc <- unix.Gettid(); <-done })
+	defer close(done)
+	tid := <-tidc
+	restorePriorityOf("self")
+	if n, _ := threadNice(tid); n != 0 {
+		t.Fatalf("thread %d still at nice %d after restorePriority", tid, n)
+	}
+}

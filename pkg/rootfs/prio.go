@@ -53,7 +53,13 @@ func RunInBackground(fn func()) {
 // thread; a thread created while this runs inherits its creator's value,
 // so the loop goes twice. Errors are ignored (without CAP_SYS_NICE the
 // server just stays niced).
-func restorePriority() { restorePriorityOf("self") }
+func restorePriority() {
+	// Start restored it already (the usual case): no /proc walk.
+	if n, err := threadNice(unix.Gettid()); err == nil && n == 0 {
+		return
+	}
+	restorePriorityOf("self")
+}
 
 // restorePriorityOf is restorePriority for process pid ("self" or a
 // number). Start calls it on a spare before waking it with its
@@ -73,7 +79,7 @@ func restorePriorityOf(pid string) {
 	}
 }
 
-// threadNice is the nice value of thread tid (tests).
+// threadNice is the nice value of thread tid.
 func threadNice(tid int) (int, error) {
 	// getpriority(2) returns 20-nice.
 	p, err := unix.Getpriority(unix.PRIO_PROCESS, tid)

@@ -145,7 +145,8 @@ func mountOptions(cfg Config) *fs.Options {
 	if cfg.Debug {
 		// Microseconds: the debug log is how a container start's requests
 		// are timed.
-		o.Logger = stdlog.New(os.Stderr, "", stdlog.Ldate|stdlog.Lmicroseconds)
+		o.MountOptions.Logger = stdlog.New(os.Stderr, "", stdlog.Ldate|stdlog.Lmicroseconds)
+		o.Logger = o.MountOptions.Logger
 	}
 	if cfg.ReadOnly {
 		o.DirectMountFlags = syscall.MS_RDONLY

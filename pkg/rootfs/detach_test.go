@@ -76,14 +76,27 @@ func TestBackgroundPriority(t *testing.T) {
 	if n, _ := threadNice(unix.Gettid()); n != 0 {
 		t.Fatalf("caller's thread niced too: %d", n)
 	}
-	// A niced thread of this process is raised again.
+	// Niced and SCHED_IDLE threads of this process are raised again.
 	done := make(chan struct{})
-	tidc := make(chan int, 1)
-	InBackground(func() { tidc <- unix.Gettid(); <-done })
 	defer close(done)
-	tid := <-tidc
+	tidc := make(chan int, 2)
+	InBackground(func() { tidc <- unix.Gettid(); <-done })
+	InIdle(func() { tidc <- unix.Gettid(); <-done })
+	tids := []int{<-tidc, <-tidc}
+	idle := 0
+	for _, tid := range tids {
+		if a, err := unix.SchedGetAttr(tid, 0); err == nil && a.Policy == unix.SCHED_IDLE {
+			idle++
+		}
+	}
+	if idle != 1 {
+		t.Fatalf("%d SCHED_IDLE threads, want 1 (InIdle's)", idle)
+	}
 	restorePriorityOf("self")
-	if n, _ := threadNice(tid); n != 0 {
-		t.Fatalf("thread %d still at nice %d after restorePriority", tid, n)
+	for _, tid := range tids {
+		a, err := unix.SchedGetAttr(tid, 0)
+		if err != nil || a.Policy != unix.SCHED_NORMAL || a.Nice != 0 {
+			t.Fatalf("thread %d after restorePriority: %+v %v", tid, a, err)
+		}
 	}
 }

@@ -203,9 +203,9 @@ func start(ctx context.Context, binary string, cfg Config, logFile string, useSp
 	ph.Mark("ready")
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("phases", ph.String()).Debug("rootfs: started")
 	if useSpare {
-		// Niced (prio.go): the spare's exec and preload must not compete
-		// with the container that is starting on this rootfs.
-		InBackground(func() { refillSpare(binary, cfg) })
+		// SCHED_IDLE (prio.go): the spare's exec and preload must not
+		// compete with the container that is starting on this rootfs.
+		InIdle(func() { refillSpare(binary, cfg) })
 	}
 	return pid, nil
 }

@@ -29,6 +29,25 @@ func lowerThread() {
 	_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), backgroundNice)
 }
 
+// idleThread is lowerThread with SCHED_IDLE: a task of a normal class
+// that wakes up preempts it at once, where a nice 19 task may keep the
+// CPU to the end of its slice (EEVDF), which delayed the wakeups of a
+// container start's processes. For the spare server, which
+// restorePriorityOf lifts when it is needed: under sustained load a
+// SCHED_IDLE task gets next to no CPU.
+func idleThread() {
+	lowerThread()
+	_ = unix.SchedSetAttr(0, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_IDLE, Nice: backgroundNice}, 0)
+}
+
+// InIdle runs fn in a new goroutine on its own SCHED_IDLE thread.
+func InIdle(fn func()) {
+	go func() {
+		idleThread()
+		fn()
+	}()
+}
+
 // InBackground runs fn in a new goroutine on its own niced thread.
 func InBackground(fn func()) {
 	go func() {
@@ -55,7 +74,7 @@ func RunInBackground(fn func()) {
 // server just stays niced).
 func restorePriority() {
 	// Start restored it already (the usual case): no /proc walk.
-	if n, err := threadNice(unix.Gettid()); err == nil && n == 0 {
+	if a, err := unix.SchedGetAttr(0, 0); err == nil && a.Policy == unix.SCHED_NORMAL && a.Nice == 0 {
 		return
 	}
 	restorePriorityOf("self")
@@ -73,7 +92,10 @@ func restorePriorityOf(pid string) {
 		}
 		for _, de := range des {
 			if tid, err := strconv.Atoi(de.Name()); err == nil {
-				_ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0)
+				// SCHED_NORMAL at nice 0 (also leaves SCHED_IDLE).
+				if unix.SchedSetAttr(tid, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: unix.SCHED_NORMAL}, 0) != nil {
+					_ = unix.Setpriority(unix.PRIO_PROCESS, tid, 0)
+				}
 			}
 		}
 	}

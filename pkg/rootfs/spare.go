@@ -169,7 +169,7 @@ func PrepareSpare(binary string, cfg Config) {
 		old.assign.Close()
 		old.ready.Close()
 	}
-	InBackground(func() { refillSpare(binary, cfg) })
+	InIdle(func() { refillSpare(binary, cfg) })
 }
 
 // assign hands a spare its config and log file; from here on it is the

@@ -82,29 +82,36 @@ func fixRoot(tree *layout.Tree) {
 	}
 }
 
-// prepareState creates the upper and work dirs of an active snapshot; a
-// new upper root gets the image root's metadata.
-func prepareState(ctx context.Context, r *rootFS) error {
-	if r.upper == "" {
+// prepareState creates the upper and work dirs of an active snapshot
+// (cfg.upperDir() "": none); a new upper root gets the image root's
+// metadata. It needs no rootFS, so it runs beside newRootFS.
+func prepareState(cfg Config, root *layout.Entry) error {
+	upper, work := cfg.upperDir(), cfg.workDir()
+	if upper == "" {
 		return nil
 	}
-	if err := os.MkdirAll(r.work, 0o700); err != nil {
+	if err := os.MkdirAll(work, 0o700); err != nil {
 		return fmt.Errorf("rootfs: state dir: %w", err)
 	}
 	// Leftovers of a copy-up interrupted by a crash.
-	if ents, err := os.ReadDir(r.work); err == nil {
+	if ents, err := os.ReadDir(work); err == nil {
 		for _, e := range ents {
-			os.RemoveAll(r.work + "/" + e.Name())
+			os.RemoveAll(work + "/" + e.Name())
 		}
 	}
-	if _, err := os.Lstat(r.upper); err == nil {
+	if _, err := os.Lstat(upper); err == nil {
 		return nil
 	}
-	tmp := r.tmpName()
-	if err := r.createFrom(ctx, tmp, &r.tree.Root.Entry); err != nil {
+	// Not one of rootFS.tmpName's names: the work dir is empty here.
+	tmp := work + "/tmp-upper-root"
+	if err := os.Mkdir(tmp, 0o700); err != nil {
 		return fmt.Errorf("rootfs: create upper dir: %w", err)
 	}
-	if err := os.Rename(tmp, r.upper); err != nil {
+	if err := setMeta(tmp, root); err != nil {
+		os.RemoveAll(tmp)
+		return fmt.Errorf("rootfs: create upper dir: %w", err)
+	}
+	if err := os.Rename(tmp, upper); err != nil {
 		return fmt.Errorf("rootfs: create upper dir: %w", err)
 	}
 	return nil
@@ -231,11 +238,19 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		}
 	}
 	defer store.Close()
+	fixRoot(tree)
+	var upperErr error
+	upperDone := make(chan struct{})
+	go func() {
+		defer close(upperDone)
+		upperErr = prepareState(cfg, &tree.Root.Entry)
+	}()
 	r := newRootFS(tree, store, cfg)
 	ph.Mark("newfs")
-	if err := prepareState(ctx, r); err != nil {
+	<-upperDone
+	if upperErr != nil {
 		closeRegion()
-		return err
+		return upperErr
 	}
 	ph.Mark("upper")
 	regionNote := ""

@@ -176,7 +176,9 @@ func newPhases() *phases.Timer {
 	start := time.Now()
 	first := ""
 	if !assignedAt.IsZero() {
-		start, first = assignedAt, "handoff"
+		// From the spare's read of its assignment; the wakeup before it
+		// is logged as "wake".
+		start, first = assignReadAt, "handoff"
 	} else if v := os.Getenv(spawnedEnv); v != "" {
 		os.Unsetenv(spawnedEnv)
 		if ns, err := strconv.ParseInt(v, 10, 64); err == nil {

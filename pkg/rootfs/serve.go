@@ -310,7 +310,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	ready.signal()
 	restoreGC()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
-		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("phases", ph.String()).WithField("region", regionNote).Info("rootfs: serving")
+		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("phases", ph.String()).WithField("region", regionNote).WithField("wake", assignReadAt.Sub(assignedAt).Round(10*time.Microsecond)).Info("rootfs: serving")
 	// Everything below is off the container's start path. Serve waits
 	// for its helpers before it returns (they write next to the state).
 	var bg sync.WaitGroup

@@ -186,6 +186,9 @@ func (p *serverProc) assignTo(cfgPath, logFile string) error {
 // spare, or an assignment without the time).
 var assignedAt time.Time
 
+// assignReadAt is when this spare read it (the handoff's wakeup).
+var assignReadAt time.Time
+
 // AwaitAssignment is what a spare server (`rootfs --spare`) runs first: it
 // blocks until Start hands it a config, sends its output to that rootfs's
 // log file, and returns the config path. ok is false if the daemon went
@@ -215,6 +218,7 @@ func AwaitAssignment() (cfgPath string, ok bool, err error) {
 	if len(lines) == 3 {
 		if ns, err := strconv.ParseInt(string(lines[2]), 10, 64); err == nil {
 			assignedAt = time.Unix(0, ns)
+			assignReadAt = time.Now()
 		}
 	}
 	logf, err := os.OpenFile(string(lines[1]), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)

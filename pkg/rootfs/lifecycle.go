@@ -285,7 +285,9 @@ func stopBegin(ctx context.Context, mountpoint string, discard bool) (func(conte
 		var err error
 		if discard {
 			var pin int
-			pin, detached, err = detachPinned(mountpoint)
+			var busy bool
+			pin, busy, err = detachPinned(mountpoint)
+			detached = detached || busy
 			if pin >= 0 {
 				pins = append(pins, pin)
 			}

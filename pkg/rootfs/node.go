@@ -151,7 +151,12 @@ func (n *node) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*fs
 		return nil, syscall.ENOENT
 	}
 	var lower *layout.Node
-	if d.lower != nil {
+	if d.lower != nil && !c.opaque {
+		// An opaque dir (made anew over a removed image dir) is another
+		// directory, as for Mkdir and the listing: with the image dir's
+		// number it would get the removed dir's node, which the kernel
+		// still holds while anything has it open, and which is dead
+		// (every create in it ENOENT).
 		lower = d.lower.Children[name]
 	}
 	ch := n.r.newNode(n.EmbeddedInode(), ctx, &c, lower)

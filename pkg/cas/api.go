@@ -30,6 +30,11 @@ type Options struct {
 	Compress bool
 	// NoSync skips fsync (tests and benchmarks of the non-durable path only).
 	NoSync bool
+	// DirectWrites writes streamed objects of a durable, uncompressed
+	// store with O_DIRECT (direct.go): no page-cache copy, no writeback
+	// left for Commit, new objects not cached. Off by default: slower on
+	// the test VM's virtio disk (see direct.go).
+	DirectWrites bool
 }
 
 // Info describes one stored object.

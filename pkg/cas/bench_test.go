@@ -55,7 +55,7 @@ func BenchmarkBatchPut(b *testing.B) {
 		{"syncfs", Options{}, syncFS},
 		{"syncfs-kickall", Options{}, syncFS},
 		{"syncfs-nokick", Options{}, syncFS},
-		{"syncfs-nodirect", Options{}, syncFS},
+		{"syncfs-direct", Options{DirectWrites: true}, syncFS},
 		{"perfile", Options{}, syncPerFile},
 		{"nosync", Options{NoSync: true}, syncAuto},
 		{"zstd-syncfs", Options{Compress: true}, syncFS},
@@ -91,8 +91,6 @@ func BenchmarkBatchPut(b *testing.B) {
 					kickMode = kickAll
 				case "syncfs-nokick":
 					kickMode = kickNone
-				case "syncfs-nodirect":
-					directMode = false
 				}
 				for _, f := range files {
 					if _, _, err := bt.Put(ctx, bytes.NewReader(f)); err != nil {
@@ -106,7 +104,6 @@ func BenchmarkBatchPut(b *testing.B) {
 				commit += time.Since(t0)
 				b.StopTimer()
 				kickMode = kickStreams
-				directMode = true
 				s.Close()
 				// Stores are removed only at the end: on ext4 without a
 				// journal, inodes deleted in the last seconds are skipped

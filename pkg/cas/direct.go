@@ -8,8 +8,9 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Streamed objects (over one chunk) of a durable, uncompressed store are
-// written with O_DIRECT: the data goes from the put's own buffer to the
+// With Options.DirectWrites, streamed objects (over one chunk) of a
+// durable, uncompressed store are written with O_DIRECT: the data goes
+// from the put's own buffer to the
 // device while the caller hashes on, with no page-cache copy and no
 // writeback left for Commit's syncs (measured on the 2-core test VM, 123
 // MiB layer: ~20 ms less of the process's CPU and ~10-80 ms less of
@@ -20,18 +21,20 @@ import (
 // buffered temps. The price: a new large object is not in the page cache
 // until first read. NoSync stores (tests, the no_sync bench) keep buffered
 // writes: there the page cache is the point.
+//
+// Not the default: on a quiet test VM (virtio disk, load ~2.5) the
+// durable ingest bench (benchreport --only store, 5 reps, 3 interleaved
+// pairs) ran 658-668 MB/s with it against 722-796 MB/s buffered; under
+// heavy load it had saved CPU. Measure on your disks before turning it on.
 
 // directAlign is the alignment O_DIRECT needs for buffer address, file
 // offset and length (the page size covers every logical block size here).
 const directAlign = 4096
 
-// directMode turns O_DIRECT streams off (benchmarks compare).
-var directMode = true
-
 // wantDirect says whether a streamed temp should be written with O_DIRECT.
 func (b *Batch) wantDirect() bool {
 	s := b.s
-	return directMode && !s.opts.NoSync && !s.opts.Compress && !s.noDirect.Load()
+	return s.opts.DirectWrites && !s.opts.NoSync && !s.opts.Compress && !s.noDirect.Load()
 }
 
 // writeChunk writes one chunk of a streamed object. A direct temp takes

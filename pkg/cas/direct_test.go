@@ -14,7 +14,7 @@ import (
 // batch and in a single Put, and every object reads back exactly.
 func TestDirectStreams(t *testing.T) {
 	ctx := context.Background()
-	s := openStore(t, Options{})
+	s := openStore(t, Options{DirectWrites: true})
 	sizes := []int{chunkSize + 1, 2 * chunkSize, 3*chunkSize + directAlign - 1, 5*chunkSize + directAlign, 2*chunkSize + 100}
 	want := map[digest.Digest][]byte{}
 	b := s.NewBatch()

@@ -81,7 +81,12 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	dir := t.TempDir()
+	return newEnvIn(t, t.TempDir())
+}
+
+// newEnvIn is newEnv with its store under dir.
+func newEnvIn(t *testing.T, dir string) *env {
+	t.Helper()
 	c, err := cas.Open(filepath.Join(dir, "cas"), cas.Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)

@@ -12,9 +12,6 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
-
-	"github.com/dupsnap/dupsnap/pkg/cas"
-	"github.com/dupsnap/dupsnap/pkg/layout"
 )
 
 // xfsEnv is an env on a fresh loop-mounted xfs of size bytes (a sparse
@@ -52,17 +49,7 @@ func xfsEnv(t *testing.T, size int64) *env {
 			syscall.Unmount(mnt, syscall.MNT_DETACH)
 		}
 	})
-	dir := filepath.Join(mnt, "env")
-	c, err := cas.Open(filepath.Join(dir, "cas"), cas.Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	ms, err := layout.OpenStore(filepath.Join(dir, "manifests"), c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &env{dir: dir, cas: c, ms: ms}
+	return newEnvIn(t, filepath.Join(mnt, "env"))
 }
 
 // withReflink turns reflink copy-up on for the test (in-process servers).

@@ -36,8 +36,9 @@ type Batch struct {
 	hits     map[string]struct{} // shards of objects found already present
 	inflight sync.WaitGroup
 
-	created []*tempObj // every temp the writer created (writer-owned until wdone)
-	linked  []*tempObj // named temps made by Link and AdoptFile (no fd; under mu)
+	created []*tempObj     // every temp the writer created (writer-owned until wdone)
+	closing sync.WaitGroup // discarded temps' fds being closed (see closeDiscarded)
+	linked  []*tempObj     // named temps made by Link and AdoptFile (no fd; under mu)
 }
 
 type syncStrategy int
@@ -206,11 +207,11 @@ func (b *Batch) do(j job, zbuf []byte) ([]byte, error) {
 			t.enc = nil
 		}
 		if t.fd >= 0 {
-			s.releaseFd(t)
 			if !t.anon {
 				unix.Unlinkat(s.tmpFd, t.name, 0)
 			}
 			t.gone = true
+			b.closeDiscarded(t)
 		}
 	}
 	return zbuf, nil
@@ -252,6 +253,7 @@ func (b *Batch) drain() {
 
 // cleanup removes every temp still present and drops the lock.
 func (b *Batch) cleanup() {
+	b.closing.Wait()
 	for _, t := range b.created {
 		if t.enc != nil {
 			t.enc.Reset(nil)

@@ -84,6 +84,23 @@ func (b *Batch) finish(t *tempObj) error {
 	return err
 }
 
+// closeDiscarded closes an abandoned temp's fd off the writer's path: the
+// last close of an unlinked inode frees its pages and blocks and waits for
+// any writeback a kick started (measured: ~30 ms for a 32 MiB duplicate in
+// the 123 MiB bench layer, while the writer took no chunks and the put
+// stalled). The inode has no name, so nothing else depends on when it
+// goes; cleanup waits for these closes so a finished batch holds no fds.
+func (b *Batch) closeDiscarded(t *tempObj) {
+	s, fd, anon := b.s, t.fd, t.anon
+	t.fd = -1
+	b.closing.Go(func() {
+		unix.Close(fd)
+		if anon {
+			s.anonOpen.Add(-1)
+		}
+	})
+}
+
 func (s *Store) releaseFd(t *tempObj) {
 	unix.Close(t.fd)
 	t.fd = -1

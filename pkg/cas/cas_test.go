@@ -504,3 +504,32 @@ func TestPutReaderError(t *testing.T) {
 		})
 	}
 }
+
+// perFileSync: few objects, or not too many big ones, sync file by file.
+func TestPerFileSyncChoice(t *testing.T) {
+	objs := func(n int, size int64) []*tempObj {
+		out := make([]*tempObj, n)
+		for i := range out {
+			out[i] = &tempObj{logical: size}
+		}
+		return out
+	}
+	for _, c := range []struct {
+		n    int
+		size int64
+		hits int
+		want bool
+	}{
+		{8, 1, 0, true},
+		{9, 4 << 10, 0, false},
+		{35, 4 << 20, 0, true},
+		{64, 1 << 20, 3, true},
+		{65, 8 << 20, 0, false},
+		{35, 4 << 20, 200, false},
+		{40, 64 << 10, 0, false},
+	} {
+		if got := perFileSync(objs(c.n, c.size), c.hits); got != c.want {
+			t.Errorf("%d objects of %d bytes, %d hits: per-file %v, want %v", c.n, c.size, c.hits, got, c.want)
+		}
+	}
+}

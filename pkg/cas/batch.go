@@ -36,9 +36,12 @@ type Batch struct {
 	hits     map[string]struct{} // shards of objects found already present
 	inflight sync.WaitGroup
 
-	created []*tempObj     // every temp the writer created (writer-owned until wdone)
-	closing sync.WaitGroup // discarded temps' fds being closed (see closeDiscarded)
-	linked  []*tempObj     // named temps made by Link and AdoptFile (no fd; under mu)
+	created []*tempObj // every temp the writer created (writer-owned until wdone)
+	// kickedBack: the writer started the writeback of every open temp
+	// when the batch grew past perFileBigMax (see kick; writer-owned).
+	kickedBack bool
+	closing    sync.WaitGroup // discarded temps' fds being closed (see closeDiscarded)
+	linked     []*tempObj     // named temps made by Link and AdoptFile (no fd; under mu)
 }
 
 type syncStrategy int
@@ -249,9 +252,30 @@ func (b *Batch) do(j job, zbuf []byte) ([]byte, error) {
 // after every small file cost about as much writer time as it saved at
 // Commit, so by default only streamed (> 1 MiB) objects are kicked, once
 // per chunk; whole small files are left to Commit's syncfs.
+//
+// Nor while the batch may still commit file by file (perFileSync: at most
+// perFileBigMax objects): each fdatasync then writes its file anyway, and
+// early writeback only spent CPU beside the hashing (durable ingest bench,
+// 35 objects of 3.5 MiB average: 0.49-0.60x sha256 without kicks against
+// 0.46x with). A batch that grows past that count ends in syncfs: it
+// kicks the temps it holds open at once, and its streams from then on.
 func (b *Batch) kick(fd int, small bool) {
 	if b.s.opts.NoSync || kickMode == kickNone || small && kickMode != kickAll {
 		return
+	}
+	if kickMode == kickStreams && !b.single {
+		if len(b.created) <= perFileBigMax {
+			return
+		}
+		if !b.kickedBack {
+			// Now bound for syncfs: start the earlier temps' writeback too.
+			b.kickedBack = true
+			for _, t := range b.created {
+				if t.fd >= 0 && t.fd != fd {
+					unix.SyncFileRange(t.fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+				}
+			}
+		}
 	}
 	unix.SyncFileRange(fd, 0, 0, unix.SYNC_FILE_RANGE_WRITE)
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,7 +32,17 @@ func (n *node) createCow(ctx context.Context, d *entryState, up string, mode uin
 		pooled  bool
 		pe      phEntry
 	)
-	if e, ok := n.r.takePlaceholder(); ok {
+	// A pooled inode was made in the upper root: it would miss the
+	// default POSIX ACL the host fs gives a file created in a dir that
+	// has one (as overlayfs's upper does), so such dirs create in place.
+	var (
+		e  phEntry
+		ok bool
+	)
+	if !hasDefaultACL(filepath.Dir(up)) {
+		e, ok = n.r.takePlaceholder()
+	}
+	if ok {
 		// Inode made ahead (phpool.go): naming it is all the host fs does.
 		err := unix.Linkat(e.fd, "", unix.AT_FDCWD, up, unix.AT_EMPTY_PATH)
 		switch {
@@ -138,3 +149,9 @@ var serverUmask = sync.OnceValue(func() uint32 {
 	}
 	return 0o777
 })
+
+// hasDefaultACL reports whether dir carries a default POSIX ACL.
+func hasDefaultACL(dir string) bool {
+	sz, err := unix.Getxattr(dir, "system.posix_acl_default", nil)
+	return err == nil && sz > 0
+}

@@ -36,8 +36,18 @@ const (
 	refreshMax   = 1 << 16               // queued nodes at most (more are dropped)
 )
 
-// noRefresh turns the refresher off (A/B measurements).
-var noRefresh = os.Getenv("DUPSNAP_ROOTFS_NO_ATTR_REFRESH") != ""
+// refreshOn turns the refresher on; it is OFF by default because it makes
+// the server a client of its own mount: a SIGKILL (OOM killer, kill -9)
+// that lands while the refresher's lookup has been read by a server
+// thread leaves that lookup waiting uninterruptibly (request_wait_answer:
+// a request already in userspace is waited out) for an answer only the
+// dying process could give; its last thread never exits, so /dev/fuse is
+// never closed and the connection never aborted: the process stays, with
+// the mount and the region lock, until someone aborts the connection in
+// fusectl. Found by TestCrashFsync (restart: "region is in use"). A
+// refresher in a separate process would not have the problem: not done
+// yet. DUPSNAP_ROOTFS_ATTR_REFRESH=1 turns it on (measurements).
+var refreshOn = os.Getenv("DUPSNAP_ROOTFS_ATTR_REFRESH") == "1"
 
 type refreshItem struct {
 	at    time.Time
@@ -55,7 +65,7 @@ type attrRefresher struct {
 
 func newAttrRefresher(mountpoint string, readOnly bool) *attrRefresher {
 	a := &attrRefresher{due: map[*node]refreshItem{}, wake: make(chan struct{}, 1)}
-	if !readOnly && !noRefresh { // a read-only superblock keeps atimes valid
+	if !readOnly && refreshOn { // a read-only superblock keeps atimes valid
 		a.mount = mountpoint
 	}
 	return a

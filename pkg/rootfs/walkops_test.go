@@ -120,6 +120,11 @@ func TestWarmWalkOps(t *testing.T) {
 	old := statsInterval
 	statsInterval = 20 * time.Millisecond
 	t.Cleanup(func() { statsInterval = old })
+	// The refresher is off by default (refresh.go): this checks what it
+	// does when on.
+	wasOn := refreshOn
+	refreshOn = true
+	t.Cleanup(func() { refreshOn = wasOn })
 	e, layers, dirs := walkImage(t)
 	for _, ro := range []bool{false, true} {
 		t.Run(fmt.Sprint("readonly=", ro), func(t *testing.T) {

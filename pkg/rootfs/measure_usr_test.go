@@ -32,7 +32,7 @@ import (
 // DUPSNAP_MEASURE_WRAP="cmd args" runs inctr as "cmd args <root name>
 // inctr ..." (e.g. a tracer). DUPSNAP_MEASURE_AB="KEY=VALUE" also runs a
 // second server with that variable in its environment in every rep (an
-// A/B in the same run; e.g. DUPSNAP_ROOTFS_ATTR_REFRESH=1).
+// A/B in the same run; e.g. DUPSNAP_ROOTFS_NO_ATTR_REFRESH=1).
 func TestMeasureUsr(t *testing.T) {
 	needRoot(t)
 	inctr := os.Getenv("DUPSNAP_ROOTFS_MEASURE_USR")

@@ -26,9 +26,9 @@ import (
 // later lstat finds them valid. If no GETATTR came (the kernel had not yet
 // dropped the atime when the lstat ran), it tries again a little later.
 //
-// Safe from the server's own process: an lstat is a syscall (the runtime
-// lets other threads serve the request meanwhile), never a page fault, and
-// the O_PATH descriptors it takes are closed at once (statBeneath).
+// The lookups run in a child process, never in the server's own: see
+// refreshproc.go for why (a server that is a client of its own mount
+// cannot die cleanly).
 
 const (
 	refreshDelay = 10 * time.Millisecond // after the last READDIR of a node
@@ -36,18 +36,9 @@ const (
 	refreshMax   = 1 << 16               // queued nodes at most (more are dropped)
 )
 
-// refreshOn turns the refresher on; it is OFF by default because it makes
-// the server a client of its own mount: a SIGKILL (OOM killer, kill -9)
-// that lands while the refresher's lookup has been read by a server
-// thread leaves that lookup waiting uninterruptibly (request_wait_answer:
-// a request already in userspace is waited out) for an answer only the
-// dying process could give; its last thread never exits, so /dev/fuse is
-// never closed and the connection never aborted: the process stays, with
-// the mount and the region lock, until someone aborts the connection in
-// fusectl. Found by TestCrashFsync (restart: "region is in use"). A
-// refresher in a separate process would not have the problem: not done
-// yet. DUPSNAP_ROOTFS_ATTR_REFRESH=1 turns it on (measurements).
-var refreshOn = os.Getenv("DUPSNAP_ROOTFS_ATTR_REFRESH") == "1"
+// refreshOn: DUPSNAP_ROOTFS_NO_ATTR_REFRESH=1 turns the refresher off
+// (A/B measurements). Its lookups run in a child process (refreshproc.go).
+var refreshOn = os.Getenv("DUPSNAP_ROOTFS_NO_ATTR_REFRESH") == ""
 
 type refreshItem struct {
 	at    time.Time
@@ -56,6 +47,7 @@ type refreshItem struct {
 
 type attrRefresher struct {
 	mount   string // the mountpoint ("" : off)
+	child   refreshChild
 	mu      sync.Mutex
 	due     map[*node]refreshItem
 	running bool
@@ -67,6 +59,7 @@ func newAttrRefresher(mountpoint string, readOnly bool) *attrRefresher {
 	a := &attrRefresher{due: map[*node]refreshItem{}, wake: make(chan struct{}, 1)}
 	if !readOnly && refreshOn { // a read-only superblock keeps atimes valid
 		a.mount = mountpoint
+		a.child.mount = mountpoint
 	}
 	return a
 }
@@ -162,7 +155,7 @@ func (a *attrRefresher) refresh(n *node) bool {
 		return true // no name: nothing to refresh
 	}
 	n.refreshWant.Store(true)
-	if err := statBeneath(a.mount, p); err != nil {
+	if err := a.child.stat(p); err != nil {
 		n.refreshWant.Store(false)
 		return true // gone, renamed or unmounted: give up
 	}
@@ -192,4 +185,11 @@ func statBeneath(mount, p string) error {
 	}
 	var st unix.Stat_t
 	return unix.Fstat(fd, &st)
+}
+
+// close stops the refresher's child (the server stops).
+func (a *attrRefresher) close() {
+	if a != nil {
+		a.child.close()
+	}
 }

@@ -263,6 +263,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		r.region = reg
 		regionNote = fmt.Sprintf("spare=%v took=%v", res.spare, res.took.Round(10*time.Microsecond))
 		defer func() {
+			r.refresh.close()
 			r.closePlaceholders()
 			if err := reg.Close(); err != nil {
 				log.G(ctx).WithError(err).Warn("rootfs: close region")

@@ -56,17 +56,30 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// removing holds the dirs of removed snapshots still being deleted in the
-// background: Cleanup leaves them to that.
-var removing struct {
-	sync.Mutex
+// removingSet holds the dirs of removed snapshots still being deleted in
+// the background: Cleanup leaves them to that.
+type removingSet struct {
+	mu   sync.Mutex
 	dirs map[string]bool
 }
 
-func isRemoving(dir string) bool {
-	removing.Lock()
-	defer removing.Unlock()
-	return removing.dirs[dir]
+func (r *removingSet) set(dir string, on bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !on {
+		delete(r.dirs, dir)
+		return
+	}
+	if r.dirs == nil {
+		r.dirs = map[string]bool{}
+	}
+	r.dirs[dir] = true
+}
+
+func (r *removingSet) has(dir string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.dirs[dir]
 }
 
 // removeLater finishes a Remove at background priority: waits for the
@@ -76,20 +89,11 @@ func isRemoving(dir string) bool {
 // waits for it (s.bg).
 func (s *Snapshotter) removeLater(ctx context.Context, p snapPaths, waits []func(context.Context)) {
 	ctx = context.WithoutCancel(ctx)
-	removing.Lock()
-	if removing.dirs == nil {
-		removing.dirs = map[string]bool{}
-	}
-	removing.dirs[p.dir()] = true
-	removing.Unlock()
+	s.removing.set(p.dir(), true)
 	s.bg.Add(1)
 	rootfs.InBackground(func() {
 		defer s.bg.Done()
-		defer func() {
-			removing.Lock()
-			delete(removing.dirs, p.dir())
-			removing.Unlock()
-		}()
+		defer s.removing.set(p.dir(), false)
 		t0 := time.Now()
 		for _, w := range waits {
 			w(ctx)
@@ -130,7 +134,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		id := de.Name()
 		p := s.paths(id)
 		if _, ok := ids[id]; !ok {
-			if isRemoving(p.dir()) {
+			if s.removing.has(p.dir()) {
 				continue // Remove's background half deletes it
 			}
 			for _, mp := range []string{p.mnt(), p.lower()} {

@@ -85,6 +85,8 @@ type Snapshotter struct {
 
 	trashMu sync.Mutex     // one background delete at a time (trash.go)
 	bg      sync.WaitGroup // background deletes, waited for by Close
+	// removing: dirs of removed snapshots still being deleted (remove.go).
+	removing removingSet
 
 	closeOnce sync.Once
 	closeErr  error

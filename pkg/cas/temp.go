@@ -91,14 +91,9 @@ func (b *Batch) finish(t *tempObj) error {
 // stalled). The inode has no name, so nothing else depends on when it
 // goes; cleanup waits for these closes so a finished batch holds no fds.
 func (b *Batch) closeDiscarded(t *tempObj) {
-	s, fd, anon := b.s, t.fd, t.anon
+	gone := &tempObj{fd: t.fd, anon: t.anon}
 	t.fd = -1
-	b.closing.Go(func() {
-		unix.Close(fd)
-		if anon {
-			s.anonOpen.Add(-1)
-		}
-	})
+	b.closing.Go(func() { b.s.releaseFd(gone) })
 }
 
 func (s *Store) releaseFd(t *tempObj) {

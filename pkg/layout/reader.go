@@ -10,6 +10,11 @@ import (
 	"sync/atomic"
 )
 
+// tooLarge is the error of an uncompressed stream over limit bytes.
+func tooLarge(limit int64) error {
+	return fmt.Errorf("%w: uncompressed layer exceeds %d bytes", errTooLarge, limit)
+}
+
 // errTooLarge marks a stream or record over its configured bound.
 var errTooLarge = errors.New("over size limit")
 
@@ -85,7 +90,7 @@ func (hr *hashReader) produce(src io.Reader, limit int64) {
 			hr.h.Write(buf[:n])
 			total += int64(n)
 			if total > limit && err == nil {
-				err = fmt.Errorf("%w: uncompressed layer exceeds %d bytes", errTooLarge, limit)
+				err = tooLarge(limit)
 			}
 		}
 		if err != nil {
@@ -280,10 +285,8 @@ func (l *lender) write(p []byte) (int, error) {
 
 // send hashes c's bytes and queues it for the consumer.
 func (l *lender) send(c chunk) bool {
-	l.hr.h.Write(c.buf[:c.n])
-	l.total += int64(c.n)
-	if l.total > l.limit {
-		l.err = fmt.Errorf("%w: uncompressed layer exceeds %d bytes", errTooLarge, l.limit)
+	if !l.account(c.buf[:c.n]) {
+		l.err = tooLarge(l.limit)
 		return false
 	}
 	if c.lent {
@@ -299,6 +302,13 @@ func (l *lender) send(c chunk) bool {
 		l.err = errClosed
 		return false
 	}
+}
+
+// account hashes b and counts it; false once the stream is over the limit.
+func (l *lender) account(b []byte) bool {
+	l.hr.h.Write(b)
+	l.total += int64(len(b))
+	return l.total <= l.limit
 }
 
 func (l *lender) flush() bool {
@@ -322,10 +332,8 @@ func (l *lender) finish(err error) {
 	buf, n := l.cur, 0
 	if l.err == nil && l.off > 0 {
 		n = l.off
-		l.hr.h.Write(buf[:n])
-		l.total += int64(n)
-		if l.total > l.limit && err == io.EOF {
-			err = fmt.Errorf("%w: uncompressed layer exceeds %d bytes", errTooLarge, l.limit)
+		if !l.account(buf[:n]) && err == io.EOF {
+			err = tooLarge(l.limit)
 		}
 	}
 	l.hr.total = l.total

@@ -1,12 +1,8 @@
 package rootfs
 
 import (
-	"bufio"
-	"bytes"
-	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -76,28 +72,6 @@ func dupsnapMountID(f *os.File, mp string) (id uint64, ok bool) {
 	if _, err := f.Seek(0, 0); err != nil {
 		return 0, false
 	}
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Bytes()
-		if !bytes.Contains(line, []byte(FSType)) {
-			continue
-		}
-		fl := strings.Fields(string(line))
-		if len(fl) < 10 || unescape(fl[4]) != mp {
-			continue
-		}
-		sep := 6
-		for sep < len(fl) && fl[sep] != "-" {
-			sep++
-		}
-		if sep+1 >= len(fl) || fl[sep+1] != FSType {
-			continue
-		}
-		var n uint64
-		if _, err := fmt.Sscanf(fl[0], "%d", &n); err == nil {
-			id, ok = n, true // later lines are mounted on top
-		}
-	}
-	return id, ok
+	e, ok := topMount(f, mp, FSType)
+	return e.id, ok
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -21,6 +22,7 @@ import (
 
 // mountEntry is one line of /proc/self/mountinfo.
 type mountEntry struct {
+	id           uint64
 	major, minor int
 	fstype       string
 }
@@ -51,10 +53,15 @@ func findMount(mountpoint string) (mountEntry, bool) {
 	if err != nil {
 		return mountEntry{}, false
 	}
-	mp := filepath.Clean(mountpoint)
+	return topMount(bytes.NewReader(data), filepath.Clean(mountpoint), "")
+}
+
+// topMount scans mountinfo text for the topmost mount at mp (clean) of
+// type fstype ("": any type).
+func topMount(r io.Reader, mp, fstype string) (mountEntry, bool) {
 	var found mountEntry
 	ok := false
-	sc := bufio.NewScanner(bytes.NewReader(data))
+	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
@@ -65,10 +72,13 @@ func findMount(mountpoint string) (mountEntry, bool) {
 		for sep < len(f) && f[sep] != "-" {
 			sep++
 		}
-		if sep+1 >= len(f) {
+		if sep+1 >= len(f) || fstype != "" && f[sep+1] != fstype {
 			continue
 		}
 		var e mountEntry
+		if _, err := fmt.Sscanf(f[0], "%d", &e.id); err != nil {
+			continue
+		}
 		if _, err := fmt.Sscanf(f[2], "%d:%d", &e.major, &e.minor); err != nil {
 			continue
 		}

@@ -3,7 +3,6 @@ package rootfs
 import (
 	"os"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -21,7 +20,7 @@ import (
 //
 // The refresher takes that round trip off the reader's path: shortly after
 // a directory was listed by the server (or a passthrough file was closed),
-// it lstat's the inode through the mount itself, so the kernel asks for the
+// it has the inode stat'ed through the mount, so the kernel asks for the
 // attributes then, while the reader is busy elsewhere, and the reader's own
 // later lstat finds them valid. If no GETATTR came (the kernel had not yet
 // dropped the atime when the lstat ran), it tries again a little later.
@@ -46,19 +45,16 @@ type refreshItem struct {
 }
 
 type attrRefresher struct {
-	mount   string // the mountpoint ("" : off)
-	child   refreshChild
+	child   refreshChild // its mount "": off
 	mu      sync.Mutex
 	due     map[*node]refreshItem
 	running bool
 	wake    chan struct{}
-	done    atomic.Uint64 // refreshes that brought a GETATTR (tests)
 }
 
 func newAttrRefresher(mountpoint string, readOnly bool) *attrRefresher {
 	a := &attrRefresher{due: map[*node]refreshItem{}, wake: make(chan struct{}, 1)}
 	if !readOnly && refreshOn { // a read-only superblock keeps atimes valid
-		a.mount = mountpoint
 		a.child.mount = mountpoint
 	}
 	return a
@@ -67,7 +63,7 @@ func newAttrRefresher(mountpoint string, readOnly bool) *attrRefresher {
 // add schedules a refresh of n's attributes after refreshDelay (moved
 // later if n is added again before).
 func (a *attrRefresher) add(n *node) {
-	if a == nil || a.mount == "" {
+	if a == nil || a.child.mount == "" {
 		return
 	}
 	a.mu.Lock()
@@ -116,11 +112,7 @@ func (a *attrRefresher) loop() {
 		}
 		a.mu.Unlock()
 		for i, n := range ready {
-			if a.refresh(n) {
-				a.done.Add(1)
-				continue
-			}
-			if tries[i]+1 < refreshTries {
+			if !a.refresh(n) && tries[i]+1 < refreshTries {
 				a.retry(n, tries[i]+1)
 			}
 		}
@@ -147,8 +139,8 @@ func (a *attrRefresher) retry(n *node, tries int) {
 	a.mu.Unlock()
 }
 
-// refresh lstat's n through the mount; it reports whether that brought
-// the kernel to ask for n's attributes.
+// refresh has the child stat n through the mount; it reports whether that
+// brought the kernel to ask for n's attributes (or there is nothing to do).
 func (a *attrRefresher) refresh(n *node) bool {
 	p, ok := n.path()
 	if !ok {

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
@@ -43,7 +42,10 @@ stops, is killed or upgraded; on start it re-adopts them.
 
 Options come from the TOML config (default /etc/dupsnap/config.toml, every
 option documented in docs/config.toml); flags given here override it.
-Tells systemd when ready (Type=notify) and stops on SIGINT/SIGTERM.`,
+Tells systemd when ready (Type=notify) and stops on SIGINT/SIGTERM. Under
+socket activation (docs/dupsnap.socket) it serves the socket systemd passes
+in, which then outlives restarts: containerd's calls wait for the new daemon
+instead of failing.`,
 		Flags: func(fs *flag.FlagSet) {
 			fs.StringVar(&serveFlags.config, "config", "", "TOML config file (default "+defaultConfigPath+" if it exists)")
 			fs.StringVar(&serveFlags.root, "root", "", "state directory: CAS, manifests, metadata, snapshots (default "+defaultRoot+")")
@@ -105,9 +107,14 @@ func runServe(ctx context.Context, args []string) error {
 	}
 	defer sn.Close()
 
-	l, err := listenUnix(cfg.Address)
+	l, activated, err := listen(ctx, cfg.Address)
 	if err != nil {
 		return err
+	}
+	if activated {
+		// The socket is systemd's: it stays (and queues containerd's calls)
+		// while this daemon restarts.
+		cfg.Address = l.Addr().String()
 	}
 	srv := grpc.NewServer()
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotservice.FromSnapshotter(sn))
@@ -153,7 +160,9 @@ func runServe(ctx context.Context, args []string) error {
 	if msrv != nil {
 		msrv.Close()
 	}
-	os.Remove(cfg.Address)
+	if !activated {
+		os.Remove(cfg.Address)
+	}
 	if errors.Is(err, grpc.ErrServerStopped) {
 		err = nil
 	}
@@ -164,24 +173,4 @@ func override(dst *string, v string) {
 	if v != "" {
 		*dst = v
 	}
-}
-
-// listenUnix replaces a stale socket and makes the new one 0600: the API
-// can mount anything, so only root (containerd) may talk to it.
-func listenUnix(path string) (net.Listener, error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o711); err != nil {
-		return nil, err
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, err
-	}
-	l, err := net.Listen("unix", path)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		l.Close()
-		return nil, err
-	}
-	return l, nil
 }

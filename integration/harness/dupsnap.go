@@ -26,12 +26,38 @@ type Dupsnap struct {
 	Args    []string // extra serve flags
 	Proc    *Proc
 	t       testing.TB
+	// listener, when set, is the socket the harness holds for the daemon,
+	// as systemd's dupsnap.socket does (socket activation).
+	listener *net.UnixListener
 }
 
 // StartDupsnap starts `dupsnap serve` under dir (root dir/root, socket
 // dir/dupsnap.sock) and waits until it answers. config is the TOML text of
 // the config file (may be empty).
 func StartDupsnap(ctx context.Context, t testing.TB, dir, config string, args ...string) *Dupsnap {
+	t.Helper()
+	d := newDupsnap(t, dir, config, args)
+	return d.startOrFail(ctx)
+}
+
+// StartDupsnapActivated is StartDupsnap under socket activation: the
+// harness makes the listening socket once, as systemd's dupsnap.socket
+// would, and hands it to every start of the daemon (LISTEN_FDS), so it
+// outlives a killed daemon.
+func StartDupsnapActivated(ctx context.Context, t testing.TB, dir, config string, args ...string) *Dupsnap {
+	t.Helper()
+	d := newDupsnap(t, dir, config, args)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: d.Socket, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(true)
+	t.Cleanup(func() { l.Close() })
+	d.listener = l
+	return d.startOrFail(ctx)
+}
+
+func newDupsnap(t testing.TB, dir, config string, args []string) *Dupsnap {
 	t.Helper()
 	Require(t, DupsnapBin())
 	d := &Dupsnap{
@@ -46,18 +72,29 @@ func StartDupsnap(ctx context.Context, t testing.TB, dir, config string, args ..
 	if err := os.WriteFile(d.Config, []byte(config), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return d
+}
+
+func (d *Dupsnap) startOrFail(ctx context.Context) *Dupsnap {
+	d.t.Helper()
 	if err := d.Start(ctx); err != nil {
-		t.Fatal(err)
+		d.t.Fatal(err)
 	}
 	// Processes go before the dir's mounts: registered after TempDir's cleanup.
-	t.Cleanup(func() { d.Proc.Kill() })
+	d.t.Cleanup(func() { d.Proc.Kill() })
 	return d
 }
 
 // Start (re)starts the daemon and waits for its socket to serve.
 func (d *Dupsnap) Start(ctx context.Context) error {
 	args := append([]string{"serve", "--config", d.Config, "--root", d.Root, "--address", d.Socket, "--log-level", "debug"}, d.Args...)
-	p, err := startProc("dupsnap", d.LogFile, nil, d.Bin, args...)
+	var p *Proc
+	var err error
+	if d.listener != nil {
+		p, err = d.startActivated(args)
+	} else {
+		p, err = startProc("dupsnap", d.LogFile, nil, d.Bin, args...)
+	}
 	if err != nil {
 		return err
 	}
@@ -86,6 +123,19 @@ func (d *Dupsnap) Start(ctx context.Context) error {
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
+}
+
+// startActivated passes the held socket as fd 3 with LISTEN_FDS=1; a shell
+// sets LISTEN_PID to its own pid and execs the daemon, which keeps it
+// (sd_listen_fds ignores fds meant for another process).
+func (d *Dupsnap) startActivated(args []string) (*Proc, error) {
+	f, err := d.listener.File() // a dup: the harness keeps its own
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	sh := append([]string{"-c", `LISTEN_PID=$$ exec "$0" "$@"`, d.Bin}, args...)
+	return startProcFiles("dupsnap", d.LogFile, []string{"LISTEN_FDS=1", "LISTEN_FDNAMES=dupsnap.sock"}, []*os.File{f}, "/bin/sh", sh...)
 }
 
 // Kill9 kills the daemon with SIGKILL (rootfs servers keep running).

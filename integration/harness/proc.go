@@ -86,6 +86,11 @@ func StartProc(t testing.TB, name, logFile string, env []string, bin string, arg
 }
 
 func startProc(name, logFile string, env []string, bin string, args ...string) (*Proc, error) {
+	return startProcFiles(name, logFile, env, nil, bin, args...)
+}
+
+// startProcFiles is startProc passing files as fds 3, 4, ... of the child.
+func startProcFiles(name, logFile string, env []string, files []*os.File, bin string, args ...string) (*Proc, error) {
 	lf, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -93,6 +98,7 @@ func startProc(name, logFile string, env []string, bin string, args ...string) (
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	cmd.Env = append(os.Environ(), env...)
+	cmd.ExtraFiles = files
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		lf.Close()

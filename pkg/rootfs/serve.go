@@ -226,7 +226,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 			}
 		}
 	}
-	tree, store := pre.take(cfg)
+	tree, links, store := pre.take(cfg)
 	cached, preloaded := tree != nil, tree != nil
 	if preloaded {
 		ph.Mark("preloaded")
@@ -245,7 +245,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		defer close(upperDone)
 		upperErr = prepareState(cfg, &tree.Root.Entry)
 	}()
-	r := newRootFS(tree, store, cfg)
+	r := newRootFSIndexed(tree, store, cfg, links)
 	ph.Mark("newfs")
 	<-upperDone
 	if upperErr != nil {

@@ -248,6 +248,9 @@ type Preloaded struct {
 	store                 *cas.Store
 	ms                    *layout.Store
 	tree                  *layout.Tree
+	// links is the tree's hardlink index (newRootFS's whole-tree walk,
+	// 1.2-2.6 ms for an image of ~6000 entries), built while waiting.
+	links map[*layout.Node][]string
 }
 
 // Preload prepares what $PreloadEnv names; nil if nothing (no hint, no
@@ -275,15 +278,18 @@ func Preload() *Preloaded {
 		store.Close()
 		return nil
 	}
+	fixRoot(tree)
+	links := linkIndex(tree)
 	debug.FreeOSMemory() // idle until assigned: keep only the tree
-	return &Preloaded{casRoot: c.CASRoot, manifestRoot: c.ManifestRoot, layers: c.Layers, store: store, ms: ms, tree: tree}
+	return &Preloaded{casRoot: c.CASRoot, manifestRoot: c.ManifestRoot, layers: c.Layers, store: store, ms: ms, tree: tree, links: links}
 }
 
-// take returns the preloaded tree and store if they are cfg's (its layers
-// still on the node); otherwise it releases them and returns nil.
-func (p *Preloaded) take(cfg Config) (*layout.Tree, *cas.Store) {
+// take returns the preloaded tree, its link index and store if they are
+// cfg's (its layers still on the node); otherwise it releases them and
+// returns nil.
+func (p *Preloaded) take(cfg Config) (*layout.Tree, map[*layout.Node][]string, *cas.Store) {
 	if p == nil {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if p.casRoot == cfg.CASRoot && p.manifestRoot == cfg.ManifestRoot && slices.Equal(p.layers, cfg.Layers) {
 		ok := true
@@ -291,11 +297,11 @@ func (p *Preloaded) take(cfg Config) (*layout.Tree, *cas.Store) {
 			ok = ok && p.ms.Has(d)
 		}
 		if ok {
-			return p.tree, p.store
+			return p.tree, p.links, p.store
 		}
 	}
 	p.store.Close()
-	return nil, nil
+	return nil, nil, nil
 }
 
 // preloadEnv is the PreloadEnv value for a spare started after cfg.

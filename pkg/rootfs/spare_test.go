@@ -131,6 +131,14 @@ func TestStartSpare(t *testing.T) {
 	if l := servingLine(t, logC); !strings.Contains(l, "preloaded=true") {
 		t.Errorf("same chain not served from the preload: %s", l)
 	}
+	// Its hardlink index came from the preload: a write through one
+	// name of an image hardlink shows through the other.
+	if err := os.WriteFile(filepath.Join(cfgC.Mountpoint, "tree/sub/b"), []byte("new b"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(cfgC.Mountpoint, "tree/link-b")); err != nil || string(b) != "new b" {
+		t.Errorf("hardlink of a written file on a preloaded server: %q %v", b, err)
+	}
 	waitSpare()
 	_, cfgD, logD := start("d", layers[:1])
 	if l := servingLine(t, logD); !strings.Contains(l, "preloaded=false") {

@@ -226,7 +226,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 			}
 		}
 	}
-	tree, links, store := pre.take(cfg)
+	tree, links, store, pm := pre.take(cfg)
 	cached, preloaded := tree != nil, tree != nil
 	if preloaded {
 		ph.Mark("preloaded")
@@ -238,6 +238,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		}
 	}
 	defer store.Close()
+	defer pm.discard() // unless attached below
 	fixRoot(tree)
 	var upperErr error
 	upperDone := make(chan struct{})
@@ -277,29 +278,54 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	if cfg.onFS != nil {
 		cfg.onFS(r)
 	}
-	root := &node{r: r, lower: tree.Root}
-	opts := mountOptions(cfg)
-	st := newOpStats()
-	// Start's caller may go on once the mount exists (earlyready.go).
-	stopWatch := func() {}
-	if ready != nil {
-		stopWatch = watchMount(cfg.Mountpoint, func() {
-			ph.Mark("mounted")
+	var (
+		server     *fuse.Server
+		st         *opStats
+		premounted bool
+	)
+	if pm != nil {
+		// Mounted ahead (premount.go): only attached here.
+		if err := pm.attach(r, cfg.Mountpoint); err != nil {
+			log.G(ctx).WithError(err).Warn("rootfs: premounted fs not attached, mounting anew")
+			r.srv = nil
+		} else {
+			server, st, premounted = pm.server, pm.st, true
+			ph.Mark("attached")
 			ready.signal()
-		})
+			if err := pollHack(cfg.Mountpoint); err != nil {
+				// Only this process's own opens of the mount need it.
+				log.G(ctx).WithError(err).Warn("rootfs: poll hack failed")
+			}
+			ph.Mark("mount")
+		}
+		pm.discard() // not attached: its server ends
 	}
-	server, err := mountCounted(cfg.Mountpoint, root, opts, st)
-	if err != nil && cfg.ReadOnly {
-		// "ro" is a flag for mount(2) but fusermount wants it as option;
-		// retry without the string form if the kernel refused it.
-		opts.Options = opts.Options[:len(opts.Options)-1]
+	if server == nil {
+		root := &node{r: r, lower: tree.Root}
+		opts := mountOptions(cfg)
+		st = newOpStats()
+		// Start's caller may go on once the mount exists (earlyready.go).
+		stopWatch := func() {}
+		if ready != nil {
+			stopWatch = watchMount(cfg.Mountpoint, func() {
+				ph.Mark("mounted")
+				ready.signal()
+			})
+		}
+		var err error
 		server, err = mountCounted(cfg.Mountpoint, root, opts, st)
+		if err != nil && cfg.ReadOnly {
+			// "ro" is a flag for mount(2) but fusermount wants it as option;
+			// retry without the string form if the kernel refused it.
+			opts.Options = opts.Options[:len(opts.Options)-1]
+			server, err = mountCounted(cfg.Mountpoint, root, opts, st)
+		}
+		stopWatch()
+		if err != nil {
+			return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
+		}
+		ph.Mark("mount")
 	}
-	stopWatch()
-	if err != nil {
-		return fmt.Errorf("rootfs: mount %s: %w", cfg.Mountpoint, err)
-	}
-	ph.Mark("mount")
 	// An in-process caller must not touch the mount before this point: a
 	// Go open(2) of a FUSE file registers it with the runtime's epoll while
 	// holding a P, and until go-fuse's poll hack (in WaitMount) has made the
@@ -311,7 +337,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 	ready.signal()
 	restoreGC()
 	log.G(ctx).WithField("mountpoint", cfg.Mountpoint).WithField("layers", len(cfg.Layers)).
-		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("phases", ph.String()).WithField("region", regionNote).WithField("wake", assignReadAt.Sub(assignedAt).Round(10*time.Microsecond)).Info("rootfs: serving")
+		WithField("cached_tree", cached).WithField("preloaded", preloaded).WithField("premounted", premounted).WithField("phases", ph.String()).WithField("region", regionNote).WithField("wake", assignReadAt.Sub(assignedAt).Round(10*time.Microsecond)).Info("rootfs: serving")
 	// Everything below is off the container's start path. Serve waits
 	// for its helpers before it returns (they write next to the state).
 	var bg sync.WaitGroup
@@ -358,7 +384,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		return nil
 	case <-ctx.Done():
 	}
-	if err := server.Unmount(); err != nil {
+	if err := unmountServer(server, cfg.Mountpoint, premounted); err != nil {
 		log.G(ctx).WithError(err).Warn("rootfs: unmount busy, detaching")
 		if err := syscall.Unmount(cfg.Mountpoint, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) {
 			return fmt.Errorf("rootfs: unmount %s: %w", cfg.Mountpoint, err)

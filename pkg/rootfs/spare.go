@@ -235,7 +235,7 @@ func AwaitAssignment() (cfgPath string, ok bool, err error) {
 }
 
 // PreloadEnv carries, to a spare, the config (JSON; only cas_root,
-// manifest_root and layers matter) of the rootfs started just before it:
+// manifest_root, layers and debug matter) of the rootfs started just before it:
 // the next one is likely of the same image (a restarted or scaled-out
 // container), so the spare opens the stores and decodes that chain's
 // cached tree while it waits.
@@ -251,6 +251,8 @@ type Preloaded struct {
 	// links is the tree's hardlink index (newRootFS's whole-tree walk,
 	// 1.2-2.6 ms for an image of ~6000 entries), built while waiting.
 	links map[*layout.Node][]string
+	// pm is the tree mounted ahead (premount.go), nil if that failed.
+	pm *premount
 }
 
 // Preload prepares what $PreloadEnv names; nil if nothing (no hint, no
@@ -280,16 +282,17 @@ func Preload() *Preloaded {
 	}
 	fixRoot(tree)
 	links := linkIndex(tree)
-	debug.FreeOSMemory() // idle until assigned: keep only the tree
-	return &Preloaded{casRoot: c.CASRoot, manifestRoot: c.ManifestRoot, layers: c.Layers, store: store, ms: ms, tree: tree, links: links}
+	pm, _ := premountTree(tree, c.Debug) // nil: mounted at assignment as usual
+	debug.FreeOSMemory()                 // idle until assigned: keep only the tree
+	return &Preloaded{casRoot: c.CASRoot, manifestRoot: c.ManifestRoot, layers: c.Layers, store: store, ms: ms, tree: tree, links: links, pm: pm}
 }
 
-// take returns the preloaded tree, its link index and store if they are
-// cfg's (its layers still on the node); otherwise it releases them and
-// returns nil.
-func (p *Preloaded) take(cfg Config) (*layout.Tree, map[*layout.Node][]string, *cas.Store) {
+// take returns the preloaded tree, its link index, store and premount
+// (if it fits cfg) if they are cfg's (its layers still on the node);
+// otherwise it releases them and returns nil.
+func (p *Preloaded) take(cfg Config) (*layout.Tree, map[*layout.Node][]string, *cas.Store, *premount) {
 	if p == nil {
-		return nil, nil, nil
+		return nil, nil, nil, nil
 	}
 	if p.casRoot == cfg.CASRoot && p.manifestRoot == cfg.ManifestRoot && slices.Equal(p.layers, cfg.Layers) {
 		ok := true
@@ -297,16 +300,21 @@ func (p *Preloaded) take(cfg Config) (*layout.Tree, map[*layout.Node][]string, *
 			ok = ok && p.ms.Has(d)
 		}
 		if ok {
-			return p.tree, p.links, p.store
+			if !p.pm.fits(cfg) {
+				p.pm.discard()
+				p.pm = nil
+			}
+			return p.tree, p.links, p.store, p.pm
 		}
 	}
+	p.pm.discard()
 	p.store.Close()
-	return nil, nil, nil
+	return nil, nil, nil, nil
 }
 
 // preloadEnv is the PreloadEnv value for a spare started after cfg.
 func preloadEnv(cfg Config) string {
-	b, err := json.Marshal(Config{CASRoot: cfg.CASRoot, ManifestRoot: cfg.ManifestRoot, Layers: cfg.Layers})
+	b, err := json.Marshal(Config{CASRoot: cfg.CASRoot, ManifestRoot: cfg.ManifestRoot, Layers: cfg.Layers, Debug: cfg.Debug})
 	if err != nil {
 		return ""
 	}

@@ -128,8 +128,12 @@ func TestStartSpare(t *testing.T) {
 	waitSpare()
 	time.Sleep(300 * time.Millisecond) // its preload
 	_, cfgC, logC := start("c", layers)
-	if l := servingLine(t, logC); !strings.Contains(l, "preloaded=true") {
-		t.Errorf("same chain not served from the preload: %s", l)
+	if l := servingLine(t, logC); !strings.Contains(l, "preloaded=true") || !strings.Contains(l, "premounted=true") {
+		t.Errorf("same chain not served from the preload and its premount: %s", l)
+	}
+	// The attached premount is a dupsnap mount like any other.
+	if !Alive(cfgC.Mountpoint) {
+		t.Error("premounted rootfs not Alive")
 	}
 	// Its hardlink index came from the preload: a write through one
 	// name of an image hardlink shows through the other.
@@ -141,7 +145,7 @@ func TestStartSpare(t *testing.T) {
 	}
 	waitSpare()
 	_, cfgD, logD := start("d", layers[:1])
-	if l := servingLine(t, logD); !strings.Contains(l, "preloaded=false") {
+	if l := servingLine(t, logD); !strings.Contains(l, "preloaded=false") || !strings.Contains(l, "premounted=false") {
 		t.Errorf("another chain served from the preload: %s", l)
 	}
 	if _, err := os.Stat(filepath.Join(cfgD.Mountpoint, "gone")); err != nil {

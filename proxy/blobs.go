@@ -130,7 +130,7 @@ func (s *Server) openBlob(ctx context.Context, rc *reqCtx, d digest.Digest, link
 		if rec.Retained {
 			f, _, err := s.blobs.Open(ctx, d)
 			if err == nil {
-				return f, nil
+				return s.failover(ctx, d, f), nil
 			}
 		}
 		if err := s.restore(ctx, rec); err != nil {

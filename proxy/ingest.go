@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/containerd/log"
@@ -144,6 +145,10 @@ func (s *Server) exportPipe(ctx context.Context, m *layout.Manifest) io.ReadClos
 	return pr
 }
 
+// recipeHook, set by tests only, runs before a found recipe replaces the
+// retained blob (to line a race up).
+var recipeHook atomic.Pointer[func(digest.Digest)]
+
 // detectRecipe tries to replace a retained compressed blob by a recipe.
 func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 	rec, err := s.layerRecord(ctx, d)
@@ -173,6 +178,9 @@ func (s *Server) detectRecipe(ctx context.Context, d digest.Digest) error {
 	b, err := r.Marshal()
 	if err != nil {
 		return err
+	}
+	if h := recipeHook.Load(); h != nil {
+		(*h)(d)
 	}
 	rec.Recipe, rec.Retained = b, false
 	if err := s.putJSON(ctx, "layers/"+digestKey(d), rec); err != nil {

@@ -88,6 +88,7 @@ func (s *Server) writeLayer(ctx context.Context, rec *layerRecord, w io.Writer) 
 		if err != nil {
 			return err
 		}
+		f = s.failover(ctx, rec.Digest, f)
 		defer f.Close()
 		_, err = io.Copy(w, f)
 		return err

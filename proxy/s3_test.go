@@ -35,6 +35,7 @@ func TestS3Backend(t *testing.T) {
 	t.Run("Replicas", func(t *testing.T) { testS3Replicas(t, storage(newBucket(t))) })
 	t.Run("GCWhileServing", func(t *testing.T) { testS3GCWhileServing(t, storage(newBucket(t))) })
 	t.Run("KillMidIngest", func(t *testing.T) { testS3KillMidIngest(t, storage(newBucket(t))) })
+	t.Run("BlobVanishesMidRead", func(t *testing.T) { testS3BlobVanishesMidRead(t, storage(newBucket(t))) })
 	// The local-store tests, over S3: a fresh bucket per proxy.
 	t.Run("Suites", func(t *testing.T) {
 		// One bucket per test: a test that reopens its store gets it back.

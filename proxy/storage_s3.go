@@ -205,23 +205,39 @@ type s3Reader struct {
 	body io.ReadCloser
 }
 
+// s3ReadRetries is how many times a stream cut mid-object (a dropped
+// connection, a restarted S3 node) is resumed at its offset before Read
+// fails; any progress resets the count.
+const s3ReadRetries = 2
+
 func (r *s3Reader) Read(p []byte) (int, error) {
 	if r.off >= r.size {
 		return 0, io.EOF
 	}
-	if r.body == nil {
-		body, err := r.b.GetRange(r.ctx, r.key, r.off, r.size-r.off)
-		if err != nil {
-			return 0, err
+	for attempt := 0; ; attempt++ {
+		if r.body == nil {
+			body, err := r.b.GetRange(r.ctx, r.key, r.off, r.size-r.off)
+			if err != nil {
+				return 0, s3NotFound(err) // gone since Open: callers may fail over (blobFailover)
+			}
+			r.body = body
 		}
-		r.body = body
+		n, err := r.body.Read(p)
+		r.off += int64(n)
+		if err == io.EOF && r.off < r.size {
+			err = io.ErrUnexpectedEOF
+		}
+		if err == nil || err == io.EOF || n > 0 || attempt >= s3ReadRetries || r.ctx.Err() != nil {
+			if err != nil && err != io.EOF && n > 0 {
+				err = nil // resumed by the next Read
+				r.body.Close()
+				r.body = nil
+			}
+			return n, err
+		}
+		r.body.Close()
+		r.body = nil
 	}
-	n, err := r.body.Read(p)
-	r.off += int64(n)
-	if err == io.EOF && r.off < r.size {
-		err = io.ErrUnexpectedEOF
-	}
-	return n, err
 }
 
 func (r *s3Reader) Seek(off int64, whence int) (int64, error) {

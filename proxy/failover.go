@@ -9,6 +9,8 @@ import (
 
 	"github.com/containerd/log"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/dupsnap/dupsnap/proxy/recipe"
 )
 
 // blobFailover reads a retained blob from a remote blob store and, if the
@@ -70,7 +72,7 @@ func (b *blobFailover) switchToRecipe() error {
 	ctx, cancel := context.WithCancel(b.ctx)
 	pr, pw := io.Pipe()
 	go func() {
-		pw.CloseWithError(b.s.writeLayer(ctx, rec, &skipWriter{w: pw, skip: b.off}))
+		pw.CloseWithError(b.s.writeLayer(ctx, rec, recipe.SkipWriter(pw, b.off)))
 	}()
 	log.G(b.ctx).WithField("digest", b.d).WithField("offset", b.off).Info("retained blob vanished mid-read (replaced by a recipe): going on from the rebuilt layer")
 	b.alt, b.cancel = pr, cancel
@@ -94,24 +96,4 @@ func (b *blobFailover) Close() error {
 		b.alt.Close()
 	}
 	return b.f.Close()
-}
-
-// skipWriter drops the first skip bytes written to it.
-type skipWriter struct {
-	w    io.Writer
-	skip int64
-}
-
-func (s *skipWriter) Write(p []byte) (int, error) {
-	n := len(p)
-	if s.skip >= int64(n) {
-		s.skip -= int64(n)
-		return n, nil
-	}
-	p = p[s.skip:]
-	s.skip = 0
-	if _, err := s.w.Write(p); err != nil {
-		return 0, err
-	}
-	return n, nil
 }

@@ -115,6 +115,10 @@ func (h *holdWriter) finish(r *Recipe, want digest.Digest) error {
 	return nil
 }
 
+// SkipWriter returns a writer that drops the first skip bytes written to
+// it and passes the rest to w (resuming a stream at an offset).
+func SkipWriter(w io.Writer, skip int64) io.Writer { return &skipWriter{w: w, skip: skip} }
+
 // skipWriter drops the first skip bytes (already written by a failed
 // chunked run, each verified by its chunk CRC).
 type skipWriter struct {

@@ -291,3 +291,104 @@ func nil2base(w int, b patternBase) []byte {
 	b.ReadAt(out, 0)
 	return out
 }
+
+// Many small files, each created, written and closed (TrimReserve) in
+// turn, as an unpack or a build does: they are packed back to back and
+// the data file stays about the size of their data, instead of growing by
+// a placement window per file.
+func TestSmallFilesPacked(t *testing.T) {
+	r := mustOpen(t, Options{Reserve: 256 << 10, GrowStep: 16 << 20})
+	buf := bytes.Repeat([]byte{3}, 4096)
+	const n = 2000
+	for id := uint64(1); id <= n; id++ {
+		f, err := r.Create(id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.WriteAt(buf, 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		f.TrimReserve()
+	}
+	st := r.Stats()
+	if st.Used != n*4096 {
+		t.Fatalf("used %d, want %d", st.Used, n*4096)
+	}
+	// 8 MiB of data: the reserve plus the grow steps that held it and
+	// one grown ahead at most (a window per file took over 1 GiB).
+	if st.Capacity > 33<<20 {
+		t.Errorf("data file is %d MiB for %d 4 KiB files", st.Capacity>>20, n)
+	}
+	prev := int64(-1)
+	for id := uint64(1); id <= n; id++ {
+		f, _ := r.File(id)
+		e := f.Extents()
+		if len(e) != 1 {
+			t.Fatalf("file %d: %d extents", id, len(e))
+		}
+		if prev >= 0 && e[0].Phys != prev+4096 {
+			t.Fatalf("file %d at %d, previous file at %d: not packed", id, e[0].Phys, prev)
+		}
+		prev = e[0].Phys
+	}
+	checkInvariants(t, r)
+	t.Logf("%d small files: data file %d MiB, %d MiB on disk", n, st.Capacity>>20, st.DiskBytes>>20)
+}
+
+// A region written in earnest grows ahead in the background: a
+// sequential writer does not wait for an fallocate in its own write
+// (other than the first grow past the reserve), the data reads back,
+// and the data file stays within a grow ahead of what is used.
+func TestGrowAhead(t *testing.T) {
+	r := mustOpen(t, Options{Reserve: 256 << 10, GrowStep: 1 << 20})
+	f, _ := r.Create(1)
+	chunk := make([]byte, 128<<10)
+	const total = 32 << 20
+	for off := int64(0); off < total; off += int64(len(chunk)) {
+		for i := range chunk {
+			chunk[i] = byte(off>>17) + byte(i)
+		}
+		if _, err := f.WriteAt(chunk, off, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.mu.Lock()
+	for r.growing {
+		r.growDone.Wait()
+	}
+	inline, ahead := r.inlineGrows, r.aheadGrows
+	r.mu.Unlock()
+	st := r.Stats()
+	t.Logf("32 MiB written: %d grows in the write path, %d ahead; data file %d MiB", inline, ahead, st.Capacity>>20)
+	if ahead == 0 || inline > 2 {
+		t.Errorf("%d grows in the write path, %d ahead: want (nearly) all ahead", inline, ahead)
+	}
+	if st.Capacity > st.Used+maxAheadSteps<<20+256<<10 {
+		t.Errorf("data file %d bytes for %d used", st.Capacity, st.Used)
+	}
+	got := make([]byte, len(chunk))
+	for off := int64(0); off < total; off += int64(len(chunk)) {
+		if _, err := f.ReadAt(got, off, nil); err != nil {
+			t.Fatal(err)
+		}
+		if got[1] != byte(off>>17)+1 {
+			t.Fatalf("at %d: read %d", off, got[1])
+		}
+	}
+	if n := len(f.Extents()); n > 4 {
+		t.Errorf("%d extents for one sequential file", n)
+	}
+	checkInvariants(t, r)
+	// A region that changes a few blocks never grows past its reserve.
+	small := mustOpen(t, Options{Reserve: 256 << 10, GrowStep: 16 << 20})
+	g, _ := small.Create(1)
+	if _, err := g.WriteAt(make([]byte, 4096), 1<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := small.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if c := small.Stats().Capacity; c != 256<<10 {
+		t.Errorf("a 4 KiB write grew the region to %d bytes", c)
+	}
+}

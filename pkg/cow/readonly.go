@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 )
 
 // ErrReadOnly: a mutating call on a region opened with OpenReadOnly.
@@ -23,6 +24,7 @@ func OpenReadOnly(dir string) (*Region, error) {
 	}
 	frames, _ := decodeFrames(buf)
 	r := &Region{dir: dir, files: map[uint64]*File{}, attrs: map[uint64]struct{}{}}
+	r.growDone = sync.NewCond(&r.mu)
 	r.bs = DefaultBlockSize
 	if len(frames) > 0 && len(frames[0]) > 0 && frames[0][0].T == recCheckpoint {
 		r.bs = frames[0][0].B

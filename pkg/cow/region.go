@@ -46,6 +46,14 @@ type Region struct {
 	err      error // sticky: metadata could not be made durable
 	closed   bool
 	readOnly bool // OpenReadOnly: no journal, data opened read-only
+	// growing: a grow ahead (grow.go) is extending the data file; growDone
+	// (on mu) signals its end, growWG lets Close wait for it.
+	growing  bool
+	growDone *sync.Cond
+	growWG   sync.WaitGroup
+	// inlineGrows, aheadGrows count grows in a writer's allocation and
+	// in the background (tests, Stats).
+	inlineGrows, aheadGrows uint64
 }
 
 // Open opens or creates the region in dir.
@@ -67,6 +75,7 @@ func Open(dir string, opts Options) (*Region, error) {
 		return nil, fmt.Errorf("cow: region %s is in use: %w", dir, err)
 	}
 	r := &Region{dir: dir, opts: opts, files: map[uint64]*File{}, attrs: map[uint64]struct{}{}, j: j}
+	r.growDone = sync.NewCond(&r.mu)
 	if len(frames) > 0 && len(frames[0]) > 0 && frames[0][0].T == recCheckpoint {
 		r.opts.BlockSize = int(frames[0][0].B) // the region keeps its block size
 	}
@@ -315,11 +324,15 @@ func (r *Region) Close() error {
 	r.syncSerial.Lock()
 	defer r.syncSerial.Unlock()
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if r.closed {
+		r.mu.Unlock()
 		return nil
 	}
 	r.closed = true
+	r.mu.Unlock()
+	r.growWG.Wait() // a grow ahead still uses the data file
+	r.mu.Lock()
+	defer r.mu.Unlock()
 	if e := r.data.Close(); err == nil && e != nil {
 		err = fmt.Errorf("cow: close data: %w", e)
 	}

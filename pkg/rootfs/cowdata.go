@@ -238,6 +238,10 @@ func (r *rootFS) release(ci *cowInode) {
 		if err := r.region.Remove(ci.ref.id); err != nil && !errors.Is(err, cow.ErrNotExist) {
 			logErr(context.Background(), "remove region file", *ci.upath.Load(), err)
 		}
+	} else {
+		// Closed: its placement window goes back to the free space, so
+		// the next file is placed right after this one's blocks.
+		ci.f.TrimReserve()
 	}
 	if ci.base != nil {
 		ci.base.Close()

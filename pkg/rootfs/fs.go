@@ -61,7 +61,10 @@ type rootFS struct {
 	refresh *attrRefresher
 }
 
-func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
+func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config, links map[*layout.Node][]string) *rootFS {
+	if links == nil {
+		links = linkIndex(tree)
+	}
 	r := &rootFS{
 		tree:     tree,
 		cas:      c,
@@ -69,7 +72,7 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 		work:     cfg.workDir(),
 		readOnly: cfg.ReadOnly,
 		copyup:   map[uint64]uint64{},
-		links:    map[*layout.Node][]string{},
+		links:    links,
 		gens:     inoGens{gen: map[uint64]uint64{}, live: map[uint64]int32{}},
 		statfs:   cfg.CASRoot,
 		ptMin:    cfg.ptMin(),
@@ -88,21 +91,28 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config) *rootFS {
 			enableReflinkCopyUp(true)
 		}
 	}
-	r.indexLinks(tree.Root, "")
 	return r
 }
 
-// indexLinks records the names of hardlinked image inodes.
-func (r *rootFS) indexLinks(n *layout.Node, p string) {
+// linkIndex lists the names of tree's hardlinked image inodes (rootFS.links):
+// a walk of the whole tree, which a spare server does ahead for the chain it
+// preloads, off the container's start.
+func linkIndex(tree *layout.Tree) map[*layout.Node][]string {
+	links := map[*layout.Node][]string{}
+	indexLinks(links, tree.Root, "")
+	return links
+}
+
+func indexLinks(links map[*layout.Node][]string, n *layout.Node, p string) {
 	for name, c := range n.Children {
 		cp := name
 		if p != "" {
 			cp = p + "/" + name
 		}
 		if c.Entry.Type == layout.TypeDir {
-			r.indexLinks(c, cp)
+			indexLinks(links, c, cp)
 		} else if c.Nlink > 1 {
-			r.links[c] = append(r.links[c], cp)
+			links[c] = append(links[c], cp)
 		}
 	}
 }

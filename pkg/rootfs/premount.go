@@ -115,7 +115,7 @@ func (pm *premount) discard() {
 	}
 	// The unmount forgets the root node (OnForget): a rootFS of nothing,
 	// also in place of one whose attach failed (it is mounted anew).
-	pm.root.r = newRootFS(&layout.Tree{Root: &layout.Node{}}, nil, Config{ReadOnly: true})
+	pm.root.r = newRootFS(&layout.Tree{Root: &layout.Node{}}, nil, Config{ReadOnly: true}, nil)
 	unix.Close(pm.mntFd)
 	pm.mntFd = -1
 	done := make(chan struct{})

@@ -246,7 +246,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		defer close(upperDone)
 		upperErr = prepareState(cfg, &tree.Root.Entry)
 	}()
-	r := newRootFSIndexed(tree, store, cfg, links)
+	r := newRootFS(tree, store, cfg, links)
 	ph.Mark("newfs")
 	<-upperDone
 	if upperErr != nil {

@@ -2,6 +2,7 @@ package rootfs
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,7 +30,8 @@ import (
 // like that of what the benchmark wrote before, e.g. overlayfs's 256 MiB
 // copy-up), _BIN_B=path (also run that server binary: A/B), _HOGS=n (n busy-looping processes while each run goes: a
 // loaded node, where every FUSE round trip waits for a CPU), _PERF=path
-// (perf record -g of the server during each dupsnap run, to path.REP), _TRACE=1
+// (perf record -g of the server during each dupsnap run, to path.REP),
+// _OPS=1 (the server's request counts after the run), _TRACE=1
 // (perf trace of the server's fsync/fdatasync/fallocate/syncfs calls).
 func TestMeasureCreate(t *testing.T) {
 	needRoot(t)
@@ -108,6 +110,21 @@ func TestMeasureCreate(t *testing.T) {
 				defer func() { t.Logf("server syscalls:\n%s", stop()) }()
 			}
 			sm, lg, lat := createWorkload(t, filepath.Join(root, "out"), small, mb, time.Duration(gap)*time.Millisecond)
+			if pid != 0 && os.Getenv("DUPSNAP_MEASURE_CREATE_OPS") != "" {
+				time.Sleep(statsInterval + time.Second) // the server publishes its counts
+				if b, err := os.ReadFile(StatsPath(cfg.Mountpoint)); err == nil {
+					var st Stats
+					json.Unmarshal(b, &st)
+					var ops []string
+					for k, v := range st.Ops {
+						if v.Count > 0 {
+							ops = append(ops, fmt.Sprintf("%s=%d", k, v.Count))
+						}
+					}
+					sort.Strings(ops)
+					t.Logf("%s server ops: %s", name, strings.Join(ops, " "))
+				}
+			}
 			res[name+" small files/s"] = append(res[name+" small files/s"], sm)
 			res[name+" large MB/s"] = append(res[name+" large MB/s"], lg)
 			if pid != 0 {

@@ -31,7 +31,8 @@ import (
 // copy-up), _BIN_B=path (also run that server binary: A/B), _HOGS=n (n busy-looping processes while each run goes: a
 // loaded node, where every FUSE round trip waits for a CPU), _PERF=path
 // (perf record -g of the server during each dupsnap run, to path.REP),
-// _OPS=1 (the server's request counts after the run), _TRACE=1
+// _OPS=1 (the server's request counts after the run), _DEBUG=1 (the
+// server's request log around the second small file), _TRACE=1
 // (perf trace of the server's fsync/fdatasync/fallocate/syncfs calls).
 func TestMeasureCreate(t *testing.T) {
 	needRoot(t)
@@ -79,7 +80,7 @@ func TestMeasureCreate(t *testing.T) {
 			if name != "overlay" {
 				cfg = Config{Mountpoint: filepath.Join(dir, name, "rootfs"), CASRoot: e.cas.Root(),
 					ManifestRoot: filepath.Join(e.dir, "manifests"), Layers: []digest.Digest{layer},
-					StateDir: filepath.Join(dir, name, "state")}
+					StateDir: filepath.Join(dir, name, "state"), Debug: os.Getenv("DUPSNAP_MEASURE_CREATE_DEBUG") != ""}
 				os.MkdirAll(cfg.Mountpoint, 0o755)
 				b := bin
 				if name == "dupsnapB" {
@@ -110,6 +111,12 @@ func TestMeasureCreate(t *testing.T) {
 				defer func() { t.Logf("server syscalls:\n%s", stop()) }()
 			}
 			sm, lg, lat := createWorkload(t, filepath.Join(root, "out"), small, mb, time.Duration(gap)*time.Millisecond)
+			if pid != 0 && cfg.Debug {
+				b, _ := os.ReadFile(filepath.Join(dir, name+".log"))
+				if i := strings.Index(string(b), "f00001"); i >= 0 {
+					t.Logf("%s server requests from the second file on:\n%s", name, string(b[max(0, i-300):min(len(b), i+3000)]))
+				}
+			}
 			if pid != 0 && os.Getenv("DUPSNAP_MEASURE_CREATE_OPS") != "" {
 				time.Sleep(statsInterval + time.Second) // the server publishes its counts
 				if b, err := os.ReadFile(StatsPath(cfg.Mountpoint)); err == nil {

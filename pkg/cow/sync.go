@@ -62,11 +62,14 @@ func (r *Region) takeBatchLocked() []record {
 }
 
 // checkpointLocked replaces the journal by the full state. syncSerial held.
-// Writers are excluded throughout, so the state written is exactly what the
-// fdatasync'ed data file backs.
+// Writers are excluded only while the state is copied: the fdatasync
+// that backs it and the checkpoint file's write, fsync and rename run
+// while they go on (a compaction used to stop every write of the
+// container for all of that). What they do meanwhile is in r.recs and
+// r.dirty for the next batch, which goes after the checkpoint; the
+// records taken here are durable only with it, as in the batch path.
 func (r *Region) checkpointLocked() error {
 	r.syncMu.Lock()
-	defer r.syncMu.Unlock()
 	r.mu.Lock()
 	r.recs = nil
 	clear(r.attrs)
@@ -74,7 +77,10 @@ func (r *Region) checkpointLocked() error {
 	r.pendFree = nil
 	state := r.stateRecords()
 	r.mu.Unlock()
+	// Every data write the state maps was done before this point: the
+	// fdatasync below covers it. Later writes set dirty again.
 	r.dirty.Store(false)
+	r.syncMu.Unlock()
 	if err := r.data.Sync(); err != nil {
 		return r.fail(fmt.Errorf("cow: fdatasync data: %w", err))
 	}

@@ -28,7 +28,8 @@ import (
 // large one, default 0), _DIRTY (MiB written to a scratch file on the same
 // filesystem right before each run and fsync'd while it runs: writeback
 // like that of what the benchmark wrote before, e.g. overlayfs's 256 MiB
-// copy-up), _BIN_B=path (also run that server binary: A/B), _HOGS=n (n busy-looping processes while each run goes: a
+// copy-up), _BIN_B=path (also run that server binary: A/B; without it,
+// _BIN_B=$DUPSNAP_BIN with _NICE=n runs the B server at nice n), _HOGS=n (n busy-looping processes while each run goes: a
 // loaded node, where every FUSE round trip waits for a CPU), _PERF=path
 // (perf record -g of the server during each dupsnap run, to path.REP),
 // _OPS=1 (the server's request counts after the run), _DEBUG=1 (the
@@ -87,6 +88,17 @@ func TestMeasureCreate(t *testing.T) {
 					b = binB
 				}
 				pid = startServer(t, b, cfg, filepath.Join(dir, name+".log"))
+				if v := os.Getenv("DUPSNAP_MEASURE_CREATE_NICE"); v != "" && name == "dupsnapB" {
+					// Experiment: the B server's threads at this nice value.
+					var nice int
+					fmt.Sscan(v, &nice)
+					des, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+					for _, de := range des {
+						var tid int
+						fmt.Sscan(de.Name(), &tid)
+						syscall.Setpriority(syscall.PRIO_PROCESS, tid, nice)
+					}
+				}
 				root = cfg.Mountpoint
 				defer func() {
 					syscall.Kill(pid, syscall.SIGKILL)

@@ -28,13 +28,14 @@ import (
 // large one, default 0), _DIRTY (MiB written to a scratch file on the same
 // filesystem right before each run and fsync'd while it runs: writeback
 // like that of what the benchmark wrote before, e.g. overlayfs's 256 MiB
-// copy-up), _BIN_B=path (also run that server binary: A/B; without it,
-// _BIN_B=$DUPSNAP_BIN with _NICE=n runs the B server at nice n), _HOGS=n (n busy-looping processes while each run goes: a
-// loaded node, where every FUSE round trip waits for a CPU), _PERF=path
-// (perf record -g of the server during each dupsnap run, to path.REP),
-// _OPS=1 (the server's request counts after the run), _DEBUG=1 (the
-// server's request log around the second small file), _TRACE=1
-// (perf trace of the server's fsync/fdatasync/fallocate/syncfs calls).
+// copy-up), _BIN_B=path (also run that server binary: A/B; with
+// _BIN_B=$DUPSNAP_BIN and _NICE=n, the B server runs at nice n),
+// _HOGS=n (n busy-looping processes while each run goes: a loaded node,
+// where every FUSE round trip waits for a CPU), _PERF=path (perf record
+// -g of the server during each dupsnap run, to path.NAME.REP;
+// _PERF_ARGS="-q -g -e sched:sched_switch" shows where its threads
+// block), _OPS=1 (the server's request counts after the run), _DEBUG=1
+// (the server's request log around the second small file).
 func TestMeasureCreate(t *testing.T) {
 	needRoot(t)
 	if os.Getenv("DUPSNAP_MEASURE_CREATE") == "" {
@@ -47,7 +48,6 @@ func TestMeasureCreate(t *testing.T) {
 	fmt.Sscan(os.Getenv("DUPSNAP_MEASURE_CREATE_GAP"), &gap)
 	dirty := 0
 	fmt.Sscan(os.Getenv("DUPSNAP_MEASURE_CREATE_DIRTY"), &dirty)
-	trace := os.Getenv("DUPSNAP_MEASURE_CREATE_TRACE") != ""
 	prof := os.Getenv("DUPSNAP_MEASURE_CREATE_PERF")
 	hogs := 0
 	fmt.Sscan(os.Getenv("DUPSNAP_MEASURE_CREATE_HOGS"), &hogs)
@@ -117,10 +117,6 @@ func TestMeasureCreate(t *testing.T) {
 			if prof != "" && pid != 0 {
 				stop := perfRecord(t, pid, fmt.Sprintf("%s.%s.%d", prof, name, rep))
 				defer stop()
-			}
-			if trace && pid != 0 {
-				stop := perfTrace(t, pid, filepath.Join(dir, name+".trace"))
-				defer func() { t.Logf("server syscalls:\n%s", stop()) }()
 			}
 			sm, lg, lat := createWorkload(t, filepath.Join(root, "out"), small, mb, time.Duration(gap)*time.Millisecond)
 			if pid != 0 && cfg.Debug {
@@ -244,43 +240,6 @@ func scratchWrite(t *testing.T, p string, mb int) *os.File {
 		}
 	}
 	return f
-}
-
-// perfTrace traces pid's sync-type syscalls with perf trace into logf;
-// the returned func stops it and returns the lines.
-func perfTrace(t *testing.T, pid int, logf string) func() string {
-	t.Helper()
-	perf, err := exec.LookPath("perf")
-	if err != nil {
-		t.Log("no perf: not tracing")
-		return func() string { return "" }
-	}
-	out, err := os.Create(logf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	cmd := exec.CommandContext(ctx, perf, "trace", "-p", fmt.Sprint(pid), "-e", "fsync,fdatasync,fallocate,syncfs")
-	cmd.Stdout, cmd.Stderr = out, out
-	if err := cmd.Start(); err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	time.Sleep(500 * time.Millisecond) // attach
-	stopped := false
-	stop := func() string {
-		if !stopped {
-			stopped = true
-			cmd.Process.Signal(syscall.SIGINT)
-			cmd.Wait()
-			cancel()
-			out.Close()
-		}
-		b, _ := os.ReadFile(logf)
-		return string(b)
-	}
-	t.Cleanup(func() { stop() })
-	return stop
 }
 
 // cpuHogs starts n busy-looping shells; the returned func kills them.

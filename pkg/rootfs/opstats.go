@@ -178,12 +178,20 @@ func (c *countedFS) GetAttr(cancel <-chan struct{}, in *fuse.GetAttrIn, out *fus
 
 func (c *countedFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fuse.AttrOut) fuse.Status {
 	defer c.st.since("setattr", time.Now())
-	return c.RawFileSystem.SetAttr(cancel, in, out)
+	st := c.RawFileSystem.SetAttr(cancel, in, out)
+	if st.Ok() && in.Valid&fuse.FATTR_KILL_SUIDGID != 0 {
+		c.killSuidgid(cancel, &in.InHeader, in.NodeId)
+		return c.RawFileSystem.GetAttr(cancel, &fuse.GetAttrIn{InHeader: in.InHeader}, out)
+	}
+	return st
 }
 
 func (c *countedFS) Open(cancel <-chan struct{}, in *fuse.OpenIn, out *fuse.OpenOut) fuse.Status {
 	defer c.st.since("open", time.Now())
 	st := c.RawFileSystem.Open(cancel, in, out)
+	if st.Ok() && in.Mode&fuse.OPEN_KILL_SUIDGID != 0 {
+		c.killSuidgid(cancel, &in.InHeader, in.NodeId)
+	}
 	if c.r != nil {
 		// A clean image file's passthrough backing (backing.go).
 		if id, ok := c.r.takePending(cancel); ok && st.Ok() {
@@ -202,12 +210,26 @@ func (c *countedFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (f
 
 func (c *countedFS) Write(cancel <-chan struct{}, in *fuse.WriteIn, data []byte) (uint32, fuse.Status) {
 	defer c.st.since("write", time.Now())
-	return c.RawFileSystem.Write(cancel, in, data)
+	n, st := c.RawFileSystem.Write(cancel, in, data)
+	if st.Ok() && in.WriteFlags&fuse.WRITE_KILL_SUIDGID != 0 {
+		c.killSuidgid(cancel, &in.InHeader, in.NodeId)
+	}
+	return n, st
 }
 
 func (c *countedFS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name string, out *fuse.CreateOut) fuse.Status {
 	defer c.st.since("create", time.Now())
-	return c.RawFileSystem.Create(cancel, in, name, out)
+	st := c.RawFileSystem.Create(cancel, in, name, out)
+	if st.Ok() && in.OpenFlags&fuse.OPEN_KILL_SUIDGID != 0 {
+		c.killSuidgid(cancel, &in.InHeader, out.NodeId)
+		gin := fuse.GetAttrIn{InHeader: in.InHeader}
+		gin.NodeId = out.NodeId
+		var ao fuse.AttrOut
+		if c.RawFileSystem.GetAttr(cancel, &gin, &ao).Ok() {
+			out.Attr = ao.Attr // the reply carries the mode without the bits
+		}
+	}
+	return st
 }
 
 func (c *countedFS) Mkdir(cancel <-chan struct{}, in *fuse.MkdirIn, name string, out *fuse.EntryOut) fuse.Status {
@@ -297,5 +319,9 @@ func (c *countedFS) Access(cancel <-chan struct{}, in *fuse.AccessIn) fuse.Statu
 
 func (c *countedFS) Writev(cancel <-chan struct{}, in *fuse.WriteIn, data [][]byte) (uint32, fuse.Status) {
 	defer c.st.since("write", time.Now())
-	return c.RawFileSystem.Writev(cancel, in, data)
+	n, st := c.RawFileSystem.Writev(cancel, in, data)
+	if st.Ok() && in.WriteFlags&fuse.WRITE_KILL_SUIDGID != 0 {
+		c.killSuidgid(cancel, &in.InHeader, in.NodeId)
+	}
+	return n, st
 }

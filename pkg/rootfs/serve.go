@@ -141,6 +141,7 @@ func mountOptions(cfg Config) *fs.Options {
 			// so the kernel may keep readlink results: every exec through
 			// /bin/sh -> busybox style links otherwise costs a round trip.
 			EnableSymlinkCaching: true,
+			ExtraCapabilities:    fuse.CAP_HANDLE_KILLPRIV_V2,
 			// Passthrough is negotiated by go-fuse when the kernel offers
 			// it (CAP_PASSTHROUGH) and used for handles with PassthroughFd.
 		},

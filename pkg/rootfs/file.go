@@ -23,6 +23,7 @@ type fileHandle struct {
 	ino  uint64
 	pt   *node // counted in pt.pt while open (passthrough to obj)
 	bk   *node // obj is bk's shared backing (see backing.go): not ours to close
+	noPT bool  // writes must come as requests (killpriv.go)
 }
 
 var (
@@ -116,7 +117,8 @@ func (n *node) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 			return nil, 0, toErrno(err)
 		}
 	}
-	return &fileHandle{data: d, up: true, ino: n.StableAttr().Ino}, 0, 0
+	h, fl := upperHandle(d, n.StableAttr().Ino, flags)
+	return h, fl, 0
 }
 
 // openNameless opens a node without a name: a clean image file as
@@ -177,7 +179,7 @@ func (n *node) openLowerCtx(ctx context.Context, es *entryState) (fs.FileHandle,
 // PassthroughFd: upper files only; a clean image file's backing is
 // registered by backing.go and kept across opens.
 func (h *fileHandle) PassthroughFd() (int, bool) {
-	if h.data != nil {
+	if h.data != nil && !h.noPT {
 		if fd := h.data.Fd(); fd != ^uintptr(0) {
 			return int(fd), true
 		}

@@ -1,6 +1,7 @@
 package rootfs
 
 import (
+	"os"
 	"syscall"
 
 	"github.com/hanwen/go-fuse/v2/fuse"
@@ -18,6 +19,12 @@ import (
 // CAP_FSETID: a WRITE with WRITE_KILL_SUIDGID, a SETATTR with
 // FATTR_KILL_SUIDGID (truncate), an OPEN or CREATE with OPEN_KILL_SUIDGID
 // (O_TRUNC). TestKillPrivOnWrite compares the result with the host fs.
+//
+// A passthrough write sends no request at all, and the kernel writes the
+// backing file with the server's credentials (which keep the bits), so a
+// writable open of a privileged upper file is not passthrough (upperHandle).
+// Left as is: bits set by a chmod while a passthrough handle is open for
+// writing survive that handle's later writes.
 
 // killSuidgid clears setuid, and setgid if group-executable, of node
 // nodeID (what the VFS does on a write by a caller without CAP_FSETID;
@@ -30,12 +37,12 @@ func (c *countedFS) killSuidgid(cancel <-chan struct{}, h *fuse.InHeader, nodeID
 	if !c.RawFileSystem.GetAttr(cancel, &gin, &out).Ok() || out.Mode&syscall.S_IFMT != syscall.S_IFREG {
 		return
 	}
+	if !privileged(out.Mode) {
+		return
+	}
 	mode := out.Mode &^ syscall.S_ISUID
 	if mode&(syscall.S_ISGID|syscall.S_IXGRP) == syscall.S_ISGID|syscall.S_IXGRP {
 		mode &^= syscall.S_ISGID
-	}
-	if mode == out.Mode {
-		return
 	}
 	var sin fuse.SetAttrIn
 	sin.InHeader = *h
@@ -48,4 +55,28 @@ func (c *countedFS) killSuidgid(cancel <-chan struct{}, h *fuse.InHeader, nodeID
 		// kernel may hold it for this very request).
 		c.r.srv.InodeNotify(nodeID, -1, 0)
 	}
+}
+
+// privileged reports whether a write by a caller without CAP_FSETID would
+// have to clear bits of mode.
+func privileged(mode uint32) bool {
+	return mode&syscall.S_ISUID != 0 || mode&(syscall.S_ISGID|syscall.S_IXGRP) == syscall.S_ISGID|syscall.S_IXGRP
+}
+
+// upperHandle is the handle of an open of plain upper file d (open flags
+// flags): passthrough, unless it is a writable open of a privileged file,
+// whose writes then come as WRITE requests (direct I/O: such an open may
+// share the inode with passthrough ones, a cached one may not).
+func upperHandle(d *os.File, ino uint64, flags uint32) (*fileHandle, uint32) {
+	h := &fileHandle{data: d, up: true, ino: ino}
+	if !writeIntent(flags) {
+		return h, 0
+	}
+	if fi, err := d.Stat(); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && privileged(st.Mode) {
+			h.noPT = true
+			return h, fuse.FOPEN_DIRECT_IO
+		}
+	}
+	return h, 0
 }

@@ -20,9 +20,16 @@ var fakeCap = string([]byte{0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0, 0
 // execute) and security.capability as on the host fs: suid/sgid only for a
 // caller without CAP_FSETID, the capability for anyone. Checked side by
 // side with a plain directory of the host fs, for image files (the first
-// write copies up) and files the container made.
+// write copies up) and files the container made: region files, and plain
+// upper files written through passthrough (PlainNewFiles).
 func TestKillPrivOnWrite(t *testing.T) {
 	needRoot(t)
+	for _, plain := range []bool{false, true} {
+		t.Run(map[bool]string{false: "region", true: "plain"}[plain], func(t *testing.T) { testKillPriv(t, plain) })
+	}
+}
+
+func testKillPriv(t *testing.T, plain bool) {
 	e := newEnv(t)
 	modes := map[string]uint32{"suid": 0o4777, "sgidx": 0o2777, "sgid": 0o2767, "cap": 0o777}
 	ents := []tarEntry{{name: "img/", typ: '5', mode: 0o777}}
@@ -30,6 +37,7 @@ func TestKillPrivOnWrite(t *testing.T) {
 		ents = append(ents, tarEntry{name: "img/" + n, body: "image", mode: int64(m)})
 	}
 	cfg := activeCfg(e, []digest.Digest{e.addLayer(t, makeTar(t, ents))})
+	cfg.PlainNewFiles = plain
 	serve(t, cfg)
 	ref := t.TempDir()
 	// The user the script runs as must reach both trees.

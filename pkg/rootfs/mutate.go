@@ -149,7 +149,8 @@ func (n *node) Create(ctx context.Context, name string, flags, mode uint32, out 
 	if err != nil {
 		return nil, nil, 0, toErrno(err)
 	}
-	return ch, &fileHandle{data: data, up: true, ino: ch.StableAttr().Ino}, 0, 0
+	h, fl := upperHandle(data, ch.StableAttr().Ino, flags|syscall.O_RDWR)
+	return ch, h, fl, 0
 }
 
 func (n *node) Mkdir(ctx context.Context, name string, mode uint32, out *fuse.EntryOut) (*fs.Inode, syscall.Errno) {

@@ -100,6 +100,9 @@ func newRootFS(tree *layout.Tree, c *cas.Store, cfg Config, links map[*layout.No
 func linkIndex(tree *layout.Tree) map[*layout.Node][]string {
 	links := map[*layout.Node][]string{}
 	indexLinks(links, tree.Root, "")
+	for _, names := range links {
+		sort.Strings(names) // map order otherwise: the same tree, the same index
+	}
 	return links
 }
 

@@ -29,16 +29,17 @@ import (
 // killSuidgid clears setuid, and setgid if group-executable, of node
 // nodeID (what the VFS does on a write by a caller without CAP_FSETID;
 // Linux's FUSE keeps setgid without group execute) and drops the kernel's
-// cached attributes of it.
-func (c *countedFS) killSuidgid(cancel <-chan struct{}, h *fuse.InHeader, nodeID uint64) {
+// cached attributes of it. It returns the node's attributes after that
+// (ok: they could be read), for a reply that carries them.
+func (c *countedFS) killSuidgid(cancel <-chan struct{}, h *fuse.InHeader, nodeID uint64) (fuse.Attr, bool) {
 	gin := fuse.GetAttrIn{InHeader: *h}
 	gin.NodeId = nodeID
 	var out fuse.AttrOut
-	if !c.RawFileSystem.GetAttr(cancel, &gin, &out).Ok() || out.Mode&syscall.S_IFMT != syscall.S_IFREG {
-		return
+	if !c.RawFileSystem.GetAttr(cancel, &gin, &out).Ok() {
+		return fuse.Attr{}, false
 	}
-	if !privileged(out.Mode) {
-		return
+	if out.Mode&syscall.S_IFMT != syscall.S_IFREG || !privileged(out.Mode) {
+		return out.Attr, true
 	}
 	mode := out.Mode &^ syscall.S_ISUID
 	if mode&(syscall.S_ISGID|syscall.S_IXGRP) == syscall.S_ISGID|syscall.S_IXGRP {
@@ -49,12 +50,16 @@ func (c *countedFS) killSuidgid(cancel <-chan struct{}, h *fuse.InHeader, nodeID
 	sin.NodeId = nodeID
 	sin.Valid = fuse.FATTR_MODE
 	sin.Mode = mode
-	c.RawFileSystem.SetAttr(cancel, &sin, &out)
+	before := out.Attr
+	if !c.RawFileSystem.SetAttr(cancel, &sin, &out).Ok() {
+		return before, true
+	}
 	if c.r != nil && c.r.srv != nil {
 		// Offset -1: attributes only, no page cache and no inode lock (the
 		// kernel may hold it for this very request).
 		c.r.srv.InodeNotify(nodeID, -1, 0)
 	}
+	return out.Attr, true
 }
 
 // privileged reports whether a write by a caller without CAP_FSETID would

@@ -180,8 +180,9 @@ func (c *countedFS) SetAttr(cancel <-chan struct{}, in *fuse.SetAttrIn, out *fus
 	defer c.st.since("setattr", time.Now())
 	st := c.RawFileSystem.SetAttr(cancel, in, out)
 	if st.Ok() && in.Valid&fuse.FATTR_KILL_SUIDGID != 0 {
-		c.killSuidgid(cancel, &in.InHeader, in.NodeId)
-		return c.RawFileSystem.GetAttr(cancel, &fuse.GetAttrIn{InHeader: in.InHeader}, out)
+		if a, ok := c.killSuidgid(cancel, &in.InHeader, in.NodeId); ok {
+			out.Attr = a // the reply carries the mode without the bits
+		}
 	}
 	return st
 }
@@ -221,12 +222,8 @@ func (c *countedFS) Create(cancel <-chan struct{}, in *fuse.CreateIn, name strin
 	defer c.st.since("create", time.Now())
 	st := c.RawFileSystem.Create(cancel, in, name, out)
 	if st.Ok() && in.OpenFlags&fuse.OPEN_KILL_SUIDGID != 0 {
-		c.killSuidgid(cancel, &in.InHeader, out.NodeId)
-		gin := fuse.GetAttrIn{InHeader: in.InHeader}
-		gin.NodeId = out.NodeId
-		var ao fuse.AttrOut
-		if c.RawFileSystem.GetAttr(cancel, &gin, &ao).Ok() {
-			out.Attr = ao.Attr // the reply carries the mode without the bits
+		if a, ok := c.killSuidgid(cancel, &in.InHeader, out.NodeId); ok {
+			out.Attr = a // the reply carries the mode without the bits
 		}
 	}
 	return st

@@ -47,7 +47,7 @@ func (b *blobFailover) Read(p []byte) (int, error) {
 	}
 	n, err := b.f.Read(p)
 	b.off += int64(n)
-	if err != nil && err != io.EOF && isNotFound(err) {
+	if isNotFound(err) {
 		if serr := b.switchToRecipe(); serr != nil {
 			return n, fmt.Errorf("%w (and no recipe to go on with: %v)", err, serr)
 		}

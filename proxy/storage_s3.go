@@ -227,16 +227,18 @@ func (r *s3Reader) Read(p []byte) (int, error) {
 		if err == io.EOF && r.off < r.size {
 			err = io.ErrUnexpectedEOF
 		}
-		if err == nil || err == io.EOF || n > 0 || attempt >= s3ReadRetries || r.ctx.Err() != nil {
-			if err != nil && err != io.EOF && n > 0 {
-				err = nil // resumed by the next Read
-				r.body.Close()
-				r.body = nil
-			}
+		if err == nil || err == io.EOF {
 			return n, err
 		}
+		// The stream broke: the next GetRange resumes it at r.off.
 		r.body.Close()
 		r.body = nil
+		if n > 0 {
+			return n, nil
+		}
+		if attempt >= s3ReadRetries || r.ctx.Err() != nil {
+			return 0, err
+		}
 	}
 }
 

@@ -25,28 +25,23 @@ func listen(ctx context.Context, address string) (l net.Listener, activated bool
 	if err != nil {
 		return nil, false, fmt.Errorf("socket activation: %w", err)
 	}
-	var unix []net.Listener
-	for _, l := range ls {
-		if l != nil && l.Addr().Network() == "unix" {
-			unix = append(unix, l)
-		} else if l != nil {
-			l.Close() // not ours to serve (a TCP socket in the unit)
+	// Serve the unix socket at address, else the first unix one; close
+	// the rest (not ours to serve: a TCP socket in the unit, say).
+	want, pick := filepath.Clean(address), -1
+	for i, u := range ls {
+		if u != nil && u.Addr().Network() == "unix" && (pick < 0 || filepath.Clean(u.Addr().String()) == want) {
+			pick = i
 		}
 	}
-	if len(unix) > 0 {
-		l = unix[0]
-		for _, u := range unix {
-			if filepath.Clean(u.Addr().String()) == filepath.Clean(address) {
-				l = u
-			}
+	for i, u := range ls {
+		if u != nil && i != pick {
+			u.Close()
 		}
-		for _, u := range unix {
-			if u != l {
-				u.Close()
-			}
-		}
+	}
+	if pick >= 0 {
+		l = ls[pick]
 		lg := log.G(ctx).WithField("address", l.Addr().String())
-		if filepath.Clean(l.Addr().String()) != filepath.Clean(address) {
+		if filepath.Clean(l.Addr().String()) != want {
 			lg.WithField("configured", address).Warn("serving the socket systemd passed, not the configured address; set address (or ListenStream=) so they agree")
 		}
 		if st, err := os.Stat(l.Addr().String()); err == nil && st.Mode().Perm()&0o077 != 0 {

@@ -44,11 +44,11 @@ type serverProc struct {
 	preload []digest.Digest
 }
 
-var spares struct {
+var spares = struct {
 	sync.Mutex
 	byBinary map[string]*serverProc
 	starting map[string]bool
-}
+}{byBinary: map[string]*serverProc{}, starting: map[string]bool{}}
 
 // spawn starts binary as a server: with --config cfgPath and its output
 // in logf, or, for a spare (cfgPath ""), waiting for its assignment; a
@@ -118,9 +118,6 @@ func takeSpare(binary string) *serverProc {
 // it preloads the chain of last (the rootfs just started).
 func refillSpare(binary string, last Config) {
 	spares.Lock()
-	if spares.byBinary == nil {
-		spares.byBinary, spares.starting = map[string]*serverProc{}, map[string]bool{}
-	}
 	if spares.byBinary[binary] != nil || spares.starting[binary] {
 		spares.Unlock()
 		return
@@ -154,9 +151,6 @@ func PrepareSpare(binary string, cfg Config) {
 		return
 	}
 	spares.Lock()
-	if spares.byBinary == nil {
-		spares.byBinary, spares.starting = map[string]*serverProc{}, map[string]bool{}
-	}
 	old := spares.byBinary[binary]
 	if old != nil && slices.Equal(old.preload, cfg.Layers) || spares.starting[binary] {
 		spares.Unlock()

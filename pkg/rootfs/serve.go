@@ -289,6 +289,7 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 		if err := pm.attach(r, cfg.Mountpoint); err != nil {
 			log.G(ctx).WithError(err).Warn("rootfs: premounted fs not attached, mounting anew")
 			r.srv = nil
+			pm.discard() // its server ends now, not when this one does
 		} else {
 			server, st, premounted = pm.server, pm.st, true
 			ph.Mark("attached")
@@ -299,7 +300,6 @@ func servePre(ctx context.Context, cfg Config, pre *Preloaded) error {
 			}
 			ph.Mark("mount")
 		}
-		pm.discard() // not attached: its server ends
 	}
 	if server == nil {
 		root := &node{r: r, lower: tree.Root}

@@ -68,13 +68,7 @@ func TestMeasureCreate(t *testing.T) {
 	for rep := 0; rep < reps; rep++ {
 		dir := filepath.Join(e.dir, fmt.Sprint("rep", rep))
 		ovl := filepath.Join(dir, "ovl", "rootfs")
-		for _, d := range []string{ovl, ovl + "-u", ovl + "-w"} {
-			os.MkdirAll(d, 0o755)
-		}
-		if err := syscall.Mount("overlay", ovl, "overlay", 0, "lowerdir="+lower+",upperdir="+ovl+"-u,workdir="+ovl+"-w"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Unmount(ovl, syscall.MNT_DETACH) })
+		overlayAt(t, lower, ovl)
 		one := func(name string) {
 			root, pid := ovl, 0
 			var cfg Config

@@ -408,3 +408,19 @@ func settled(t *testing.T, what string, want int, count func() int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// overlayAt mounts overlayfs at ovl over lower, with its upper and work
+// dirs beside it (ovl-u, ovl-w), for the measurements' side-by-side
+// baseline; it is unmounted at cleanup, or earlier by the returned func.
+func overlayAt(t *testing.T, lower, ovl string) (unmount func()) {
+	t.Helper()
+	for _, d := range []string{ovl, ovl + "-u", ovl + "-w"} {
+		os.MkdirAll(d, 0o755)
+	}
+	if err := syscall.Mount("overlay", ovl, "overlay", 0, "lowerdir="+lower+",upperdir="+ovl+"-u,workdir="+ovl+"-w"); err != nil {
+		t.Fatal(err)
+	}
+	unmount = func() { syscall.Unmount(ovl, syscall.MNT_DETACH) }
+	t.Cleanup(unmount)
+	return unmount
+}

@@ -77,13 +77,7 @@ func TestMeasureInctr(t *testing.T) {
 		os.MkdirAll(cfg.Mountpoint, 0o755)
 		pid := startServer(t, bin, cfg, filepath.Join(dir, "server.log"))
 		ovl := filepath.Join(dir, "ovl", "rootfs")
-		for _, d := range []string{ovl, ovl + "-u", ovl + "-w"} {
-			os.MkdirAll(d, 0o755)
-		}
-		if err := syscall.Mount("overlay", ovl, "overlay", 0, "lowerdir="+lower+",upperdir="+ovl+"-u,workdir="+ovl+"-w"); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Unmount(ovl, syscall.MNT_DETACH) })
+		overlayAt(t, lower, ovl)
 		var d, o map[string]float64
 		if rep%2 == 0 {
 			o, d = run(ovl), run(cfg.Mountpoint)

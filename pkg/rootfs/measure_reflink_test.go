@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
@@ -54,13 +53,7 @@ func TestMeasureReflink(t *testing.T) {
 	enableReflinkCopyUp(false)
 
 	ovl := filepath.Join(e.dir, "ovl")
-	for _, d := range []string{ovl, ovl + "-u", ovl + "-w"} {
-		os.MkdirAll(d, 0o755)
-	}
-	if err := syscall.Mount("overlay", ovl, "overlay", 0, "lowerdir="+lower+",upperdir="+ovl+"-u,workdir="+ovl+"-w"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Unmount(ovl, syscall.MNT_DETACH) })
+	overlayAt(t, lower, ovl)
 	paths["overlayfs"] = filepath.Join(ovl, "rand")
 	randWrite(t, paths["overlayfs"], 7)
 	for _, n := range names {

@@ -96,14 +96,7 @@ func measureRep(t *testing.T, e *env, bin string, layer digest.Digest, lower str
 		res.single("idle_rss_fresh_anon_kib", "KiB", rssAnonKiB(pid), 16<<10, "the same without the (shared) binary text")
 	}
 	ovl := filepath.Join(dir, "ovl", "rootfs")
-	for _, d := range []string{ovl, ovl + "-u", ovl + "-w"} {
-		os.MkdirAll(d, 0o755)
-	}
-	if err := syscall.Mount("overlay", ovl, "overlay", 0, "lowerdir="+lower+",upperdir="+ovl+"-u,workdir="+ovl+"-w"); err != nil {
-		t.Fatal(err)
-	}
-	unmountOvl := func() { syscall.Unmount(ovl, syscall.MNT_DETACH) }
-	t.Cleanup(unmountOvl)
+	unmountOvl := overlayAt(t, lower, ovl)
 	d, o := dup.Mountpoint, ovl
 
 	// both runs fn on the two roots, overlayfs first on even reps.
